@@ -1,0 +1,1 @@
+"""msflow_fast.model"""

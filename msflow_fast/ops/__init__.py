@@ -1,0 +1,26 @@
+"""Functional fused ops with one contract and three backends (``reference``, ``triton``, ``cpp``).
+
+``msflow_fast.ops.reference`` holds the maths; the functions here validate inputs and dispatch.
+"""
+
+from __future__ import annotations
+
+from . import reference
+from ._backend import BACKENDS, available_backends, requested_backend, use_backend
+from .coupling import affine_coupling, coupling_affine_permute, global_affine_permute
+from .head import aggregate_anomaly_maps, gaussian_nll, log_likelihood_map, log_space_score
+
+__all__ = [
+    "BACKENDS",
+    "affine_coupling",
+    "aggregate_anomaly_maps",
+    "available_backends",
+    "coupling_affine_permute",
+    "gaussian_nll",
+    "global_affine_permute",
+    "log_likelihood_map",
+    "log_space_score",
+    "reference",
+    "requested_backend",
+    "use_backend",
+]

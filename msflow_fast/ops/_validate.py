@@ -1,0 +1,104 @@
+"""Input validation at the public functional boundary.
+
+``TypeError`` for a wrong type, dtype or device; ``ValueError`` for a wrong shape or value.
+Each message names the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .reference import AFFINE_TYPES, CLAMP_FORMS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ENV_CHECK_FINITE = "MSFLOW_FAST_CHECK_FINITE"
+
+
+def tensor(value: object, name: str, *, ndim: int | None = None, floating: bool = True) -> torch.Tensor:
+    """Check that ``value`` is a tensor with ``ndim`` dims and (if ``floating``) a float dtype."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(value.shape)} ({value.dim()}-D)")
+    return value
+
+
+def same_device_dtype(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    """Check that every tensor in ``others`` has the device and dtype of ``reference``."""
+    for name, other in others.items():
+        if other.device != reference.device:
+            raise TypeError(
+                f"{name} is on {other.device} but {reference_name} is on {reference.device}; move both to one device"
+            )
+        if other.dtype != reference.dtype:
+            raise TypeError(f"{name} has dtype {other.dtype} but {reference_name} has {reference.dtype}; cast one")
+
+
+def positive_float(value: object, name: str) -> float:
+    """Check ``value`` is a finite real number ``> 0``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return float(value)
+
+
+def choice(value: object, name: str, options: tuple[str, ...]) -> str:
+    """Check ``value`` is one of ``options``."""
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def clamp_form(value: object) -> str:
+    return choice(value, "clamp_form", CLAMP_FORMS)
+
+
+def affine_type(value: object) -> str:
+    return choice(value, "affine_type", AFFINE_TYPES)
+
+
+def channel_vector(value: object, name: str, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """Check a per-channel parameter with ``channels`` elements on ``like``'s device."""
+    tensor(value, name)
+    if value.numel() != channels:
+        raise ValueError(f"{name} must have {channels} elements (one per channel), got shape {tuple(value.shape)}")
+    if value.device != like.device:
+        raise TypeError(f"{name} is on {value.device} but the input is on {like.device}")
+    return value
+
+
+def permutation(value: object, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """Check ``perm`` is an int64 ``[C]`` tensor on ``like``'s device (values are trusted)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"perm must be a torch.Tensor of int64 indices, got {type(value).__name__}")
+    if value.dtype != torch.int64:
+        raise TypeError(f"perm must have dtype int64, got {value.dtype}")
+    if value.shape != (channels,):
+        raise ValueError(f"perm must have shape ({channels},), got {tuple(value.shape)}")
+    if value.device != like.device:
+        raise TypeError(f"perm is on {value.device} but the input is on {like.device}")
+    return value
+
+
+def check_finite_enabled(check_finite: bool | None) -> bool:
+    """Per-call ``check_finite`` if given, else ``MSFLOW_FAST_CHECK_FINITE=1`` in the environment."""
+    if check_finite is not None:
+        return bool(check_finite)
+    return os.environ.get(ENV_CHECK_FINITE, "0") == "1"
+
+
+def finite(value: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``value`` holds NaN or infinity (costs one pass and a device sync)."""
+    bad = ~torch.isfinite(value)
+    if bool(bad.any()):
+        count = int(bad.sum())
+        raise ValueError(
+            f"{name} contains {count} non-finite value(s) (NaN or inf) of {value.numel()}; "
+            "check the data and the learning rate, or train with gradient clipping"
+        )

@@ -1,0 +1,131 @@
+"""Public likelihood and anomaly-map ops: Gaussian NLL, log-likelihood maps, multi-scale aggregation.
+
+Shapes, units and formulas are documented on the matching functions of
+:mod:`msflow_fast.ops.reference`; these wrappers validate and dispatch to a backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _backend
+from . import _validate as v
+
+
+def _top_k(top_k: object) -> float:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, float)):
+        raise TypeError(f"top_k must be a float in (0, 1], got {type(top_k).__name__}")
+    if not 0.0 < float(top_k) <= 1.0:
+        raise ValueError(f"top_k must be in (0, 1] (the fraction of pixels in the image score), got {top_k}")
+    return float(top_k)
+
+
+def _output_size(output_size: object) -> tuple[int, int]:
+    if (
+        not isinstance(output_size, (tuple, list, torch.Size))
+        or len(output_size) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in output_size)
+    ):
+        raise TypeError(f"output_size must be a pair of ints (H, W), got {output_size!r}")
+    if min(output_size) < 1:
+        raise ValueError(f"output_size must be positive, got {tuple(output_size)}")
+    return int(output_size[0]), int(output_size[1])
+
+
+def _maps(log_likelihood_maps: object) -> list[torch.Tensor]:
+    if isinstance(log_likelihood_maps, torch.Tensor) or not isinstance(log_likelihood_maps, Sequence):
+        raise TypeError("log_likelihood_maps must be a list of [B, h, w] tensors, one per scale")
+    maps = list(log_likelihood_maps)
+    if not maps:
+        raise ValueError("log_likelihood_maps is empty; pass at least one [B, h, w] map")
+    first = v.tensor(maps[0], "log_likelihood_maps[0]", ndim=3)
+    for i, m in enumerate(maps):
+        v.tensor(m, f"log_likelihood_maps[{i}]", ndim=3)
+        v.same_device_dtype("log_likelihood_maps[0]", first, **{f"log_likelihood_maps[{i}]": m})
+        if m.shape[0] != first.shape[0]:
+            raise ValueError(
+                f"log_likelihood_maps[{i}] has batch {m.shape[0]} but log_likelihood_maps[0] has {first.shape[0]}"
+            )
+        if m.shape[0] == 0 or m.shape[1] == 0 or m.shape[2] == 0:
+            raise ValueError(f"log_likelihood_maps[{i}] is empty, shape {tuple(m.shape)}")
+    return maps
+
+
+def gaussian_nll(
+    z: torch.Tensor,
+    logdet: torch.Tensor,
+    *,
+    backend: str | None = None,
+    check_finite: bool | None = None,
+) -> torch.Tensor:
+    """Per-sample ``0.5 * sum z^2 - logdet`` (MSFlow's training loss before the batch mean).
+
+    Args:
+        z: latent ``[B, ...]`` (at least 2-D).
+        logdet: ``[B]`` in nats.
+
+    Returns:
+        ``[B]`` in nats; float32 for half inputs (float32 accumulation whatever the input dtype).
+    """
+    v.tensor(z, "z")
+    v.tensor(logdet, "logdet", ndim=1)
+    if z.dim() < 2:
+        raise ValueError(f"z must be at least 2-D [B, ...], got shape {tuple(z.shape)}")
+    if logdet.shape[0] != z.shape[0]:
+        raise ValueError(f"logdet must have shape [B] = ({z.shape[0]},), got {tuple(logdet.shape)}")
+    if logdet.device != z.device:
+        raise TypeError(f"logdet is on {logdet.device} but z is on {z.device}")
+    if v.check_finite_enabled(check_finite):
+        v.finite(z, "z")
+        v.finite(logdet, "logdet")
+    _, impl = _backend.resolve("gaussian_nll", z.device, backend)
+    return impl(z, logdet)
+
+
+def log_likelihood_map(z: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Per-pixel ``-0.5 * mean_c z^2`` of ``z [B, C, H, W]`` -> ``[B, H, W]`` (float32 for half inputs)."""
+    v.tensor(z, "z", ndim=4)
+    _, impl = _backend.resolve("log_likelihood_map", z.device, backend)
+    return impl(z)
+
+
+def aggregate_anomaly_maps(
+    log_likelihood_maps: Sequence[torch.Tensor],
+    output_size: tuple[int, int],
+    *,
+    top_k: float = 0.03,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSFlow's "add" and "mul" anomaly maps at ``output_size`` and the top-k image score.
+
+    Args:
+        log_likelihood_maps: per-scale ``[B, h_k, w_k]`` maps (same batch, dtype and device).
+        output_size: ``(H, W)``.
+        top_k: fraction of pixels averaged for the score, in ``(0, 1]`` (MSFlow: 0.03).
+        backend: as in :func:`msflow_fast.ops.affine_coupling`.
+
+    Returns:
+        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``.
+    """
+    maps = _maps(log_likelihood_maps)
+    size = _output_size(output_size)
+    k = _top_k(top_k)
+    _, impl = _backend.resolve("aggregate_anomaly_maps", maps[0].device, backend)
+    return impl(maps, size, top_k=k)
+
+
+def log_space_score(
+    log_likelihood_maps: Sequence[torch.Tensor],
+    output_size: tuple[int, int],
+    *,
+    top_k: float = 0.03,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Stable image score: top-k mean of ``max L - L`` in nats (ranks like the official score, never saturates)."""
+    maps = _maps(log_likelihood_maps)
+    size = _output_size(output_size)
+    k = _top_k(top_k)
+    _, impl = _backend.resolve("log_space_score", maps[0].device, backend)
+    return impl(maps, size, top_k=k)

@@ -1,0 +1,325 @@
+"""Reference maths of every msflow_fast op, in plain PyTorch.
+
+This module is at once the specification, the test oracle, the CPU fallback and the
+"eager" line of the benchmarks. It imports nothing from the package. Every fused
+backend (Triton, C++/CUDA) must reproduce these functions; autograd here is plain
+PyTorch autograd.
+
+Conventions
+-----------
+* Tensors are ``[B, C, H, W]``; ``N = H * W``.
+* Log-determinants are natural-log Jacobian determinants (nats) per sample, ``[B]``.
+* ``reverse=True`` computes the inverse map and returns the *negated* log-det, so that
+  ``logdet(forward) + logdet(reverse) == 0`` on a round trip.
+
+Soft clamps (``clamp_form``), applied to the scale half ``a_s`` of a subnet output
+``a = [a_s, a_t]`` with clamp ``alpha``:
+
+=================  =============================================  ==============
+``clamp_form``     scale ``s``                                      shift ``t``
+=================  =============================================  ==============
+``"tanh"``         ``alpha * tanh(0.1 * a_s)`` (FrEIA 0.2, MSFlow)   ``0.1 * a_t``
+``"tanh_scaled"``  ``alpha * tanh(0.1 * a_s / alpha)`` (FrEIA HEAD)  ``0.1 * a_t``
+``"atan"``         ``alpha * 0.636 * atan(a_s / alpha)`` (fusion)    ``a_t``
+=================  =============================================  ==============
+
+Global affine scale ``g = psi(gamma)`` (``affine_type``):
+``"SOFTPLUS"``: ``0.1 * softplus(gamma, beta=0.5) = 0.2 * log(1 + exp(gamma / 2))``;
+``"SIGMOID"``: ``10 * sigmoid(gamma - 2)``; ``"EXP"``: ``exp(gamma)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+CLAMP_FORMS = ("tanh", "tanh_scaled", "atan")
+AFFINE_TYPES = ("SOFTPLUS", "SIGMOID", "EXP")
+ATAN_FACTOR = 0.636
+"""The fusion layer's approximation of 2/pi in ``alpha * 0.636 * atan(s / alpha)``."""
+PRE_FACTOR = 0.1
+"""FrEIA's AllInOneBlock multiplies the whole subnet output by 0.1 before use."""
+
+
+def soft_clamp(a_s: torch.Tensor, clamp: float, clamp_form: str = "tanh") -> torch.Tensor:
+    """Soft-clamped log-scale ``s`` from the raw scale half ``a_s`` (any shape).
+
+    ``|s| < clamp`` for ``"tanh"`` and ``"tanh_scaled"``; ``|s| < 0.999 * clamp`` for
+    ``"atan"``. See the module docstring for the formulas.
+    """
+    if clamp_form == "tanh":
+        return clamp * torch.tanh(PRE_FACTOR * a_s)
+    if clamp_form == "tanh_scaled":
+        return clamp * torch.tanh(PRE_FACTOR * a_s / clamp)
+    if clamp_form == "atan":
+        return clamp * ATAN_FACTOR * torch.atan(a_s / clamp)
+    raise ValueError(f"clamp_form must be one of {CLAMP_FORMS}, got {clamp_form!r}")
+
+
+def coupling_shift(a_t: torch.Tensor, clamp_form: str = "tanh") -> torch.Tensor:
+    """Shift ``t`` from the raw shift half ``a_t``: ``0.1 * a_t``, or ``a_t`` for ``"atan"``."""
+    return a_t if clamp_form == "atan" else PRE_FACTOR * a_t
+
+
+def affine_coupling(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    *,
+    clamp: float,
+    clamp_form: str = "tanh",
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft-clamped affine coupling of the active half.
+
+    Forward: ``y = x * exp(s) + t``, log-det ``sum_{c,h,w} s``.
+    Reverse: ``y = (x - t) * exp(-s)``, log-det ``-sum_{c,h,w} s``.
+
+    Args:
+        x: active half ``[B, C, H, W]`` (``C >= 1``).
+        a: raw subnet output ``[B, 2C, H, W]``: scale half ``a[:, :C]``, shift half ``a[:, C:]``.
+        clamp: soft clamp ``alpha > 0``.
+        clamp_form: ``"tanh"`` (FrEIA 0.2), ``"tanh_scaled"`` (FrEIA HEAD) or ``"atan"`` (fusion).
+        reverse: compute the inverse map.
+
+    Returns:
+        ``(y [B, C, H, W], logdet [B])``; the log-det is in nats.
+    """
+    c = x.shape[1]
+    s = soft_clamp(a[:, :c], clamp, clamp_form)
+    t = coupling_shift(a[:, c:], clamp_form)
+    logdet = s.sum(dim=(1, 2, 3))
+    if reverse:
+        return (x - t) * torch.exp(-s), -logdet
+    return x * torch.exp(s) + t, logdet
+
+
+def global_scale_activation(global_scale: torch.Tensor, affine_type: str = "SOFTPLUS") -> torch.Tensor:
+    """Positive per-channel scale ``g = psi(gamma)`` from the raw parameter (any shape)."""
+    if affine_type == "SOFTPLUS":
+        return 0.1 * F.softplus(global_scale, beta=0.5)
+    if affine_type == "SIGMOID":
+        return 10.0 * torch.sigmoid(global_scale - 2.0)
+    if affine_type == "EXP":
+        return torch.exp(global_scale)
+    raise ValueError(f"affine_type must be one of {AFFINE_TYPES}, got {affine_type!r}")
+
+
+def global_scale_init(global_affine_init: float, affine_type: str = "SOFTPLUS") -> float:
+    """Raw parameter ``gamma_0`` such that ``psi(gamma_0) == global_affine_init`` (FrEIA 0.2 init)."""
+    if global_affine_init <= 0:
+        raise ValueError(f"global_affine_init must be > 0, got {global_affine_init}")
+    if affine_type == "SOFTPLUS":
+        return 2.0 * math.log(math.exp(0.5 * 10.0 * global_affine_init) - 1.0)
+    if affine_type == "SIGMOID":
+        return 2.0 - math.log(10.0 / global_affine_init - 1.0)
+    if affine_type == "EXP":
+        return math.log(global_affine_init)
+    raise ValueError(f"affine_type must be one of {AFFINE_TYPES}, got {affine_type!r}")
+
+
+def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of an index permutation ``[C]`` (int64): ``inv[perm[i]] = i``."""
+    return torch.argsort(perm)
+
+
+def global_affine_permute(
+    x: torch.Tensor,
+    global_scale: torch.Tensor,
+    global_offset: torch.Tensor,
+    perm: torch.Tensor,
+    *,
+    affine_type: str = "SOFTPLUS",
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel global affine followed by a channel permutation (a gather, never a 1x1 conv).
+
+    Forward: ``v = x * g + b``; ``y[:, i] = v[:, perm[i]]``; log-det ``H * W * sum_c log g_c``.
+    Reverse: ``v[:, perm[i]] = x[:, i]``; ``y = (v - b) / g``; log-det negated.
+
+    Args:
+        x: ``[B, C, H, W]``.
+        global_scale: raw scale parameter ``gamma`` with ``C`` elements (e.g. ``[1, C, 1, 1]``).
+        global_offset: offset ``b`` with ``C`` elements.
+        perm: int64 ``[C]``, a permutation of ``0..C-1``.
+        affine_type: ``"SOFTPLUS"``, ``"SIGMOID"`` or ``"EXP"``.
+        reverse: compute the inverse map.
+
+    Returns:
+        ``(y [B, C, H, W], logdet [B])`` in nats.
+    """
+    b_, c, h, w = x.shape
+    g = global_scale_activation(global_scale.reshape(c), affine_type)
+    offset = global_offset.reshape(c)
+    logdet = (h * w) * torch.log(g).sum()
+    logdet = logdet.to(x.dtype).expand(b_).clone()
+    if reverse:
+        v = x[:, invert_permutation(perm)]
+        return (v - offset.view(1, c, 1, 1)) / g.view(1, c, 1, 1), -logdet
+    v = x * g.view(1, c, 1, 1) + offset.view(1, c, 1, 1)
+    return v[:, perm], logdet
+
+
+def coupling_affine_permute(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    global_scale: torch.Tensor,
+    global_offset: torch.Tensor,
+    perm: torch.Tensor,
+    *,
+    clamp: float,
+    clamp_form: str = "tanh",
+    affine_type: str = "SOFTPLUS",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward tail of FrEIA's AllInOneBlock after its subnet, as one op.
+
+    Splits ``x`` into the passive first ``C - C // 2`` channels and the active last
+    ``C // 2`` channels, couples the active half with ``a`` (see :func:`affine_coupling`),
+    applies the global affine and the permutation (see :func:`global_affine_permute`).
+    The inverse is :func:`global_affine_permute` (reverse) followed by the subnet on the
+    passive half and :func:`affine_coupling` (reverse): the subnet sits in between.
+
+    Args:
+        x: block input ``[B, C, H, W]`` with ``C >= 2``.
+        a: raw subnet output ``[B, 2 * (C // 2), H, W]`` computed from the passive half.
+        global_scale, global_offset, perm: as in :func:`global_affine_permute`.
+        clamp, clamp_form: as in :func:`affine_coupling`.
+        affine_type: as in :func:`global_affine_permute`.
+
+    Returns:
+        ``(y [B, C, H, W], logdet [B])``: coupling plus global-affine log-det, in nats.
+    """
+    c = x.shape[1]
+    x1, x2 = x[:, : c - c // 2], x[:, c - c // 2 :]
+    y2, logdet_coupling = affine_coupling(x2, a, clamp=clamp, clamp_form=clamp_form)
+    y, logdet_affine = global_affine_permute(
+        torch.cat([x1, y2], dim=1), global_scale, global_offset, perm, affine_type=affine_type
+    )
+    return y, logdet_coupling + logdet_affine
+
+
+def gaussian_nll(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative log-likelihood under a standard normal, MSFlow's scale.
+
+    ``nll[b] = 0.5 * sum_{c,h,w} z[b]^2 - logdet[b]`` (no ``log(2 pi)`` constant and no
+    division by the number of dims, as the official loss). Accumulates in float32 or wider.
+
+    Args:
+        z: latent ``[B, ...]``.
+        logdet: ``[B]`` log-det in nats to subtract.
+
+    Returns:
+        ``[B]`` in nats, dtype ``float32`` for half inputs, else ``z.dtype``.
+    """
+    acc = torch.promote_types(z.dtype, torch.float32)
+    sq = z.to(acc).square().flatten(1).sum(dim=1)
+    return 0.5 * sq - logdet.to(acc)
+
+
+def log_likelihood_map(z: torch.Tensor) -> torch.Tensor:
+    """Per-pixel log-likelihood ``-0.5 * mean_c z^2`` of a latent ``[B, C, H, W]`` -> ``[B, H, W]``.
+
+    Accumulates in float32 or wider (float32 for half inputs).
+    """
+    acc = torch.promote_types(z.dtype, torch.float32)
+    return -0.5 * z.to(acc).square().mean(dim=1)
+
+
+def upsample_bilinear(maps: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=True`` of ``[B, h, w]`` maps to ``[B, H, W]``."""
+    return F.interpolate(maps.unsqueeze(1), size=tuple(output_size), mode="bilinear", align_corners=True).squeeze(1)
+
+
+def top_k_count(num_pixels: int, top_k: float) -> int:
+    """Number of pixels averaged for the image score: ``max(1, int(num_pixels * top_k))``."""
+    return max(1, int(num_pixels * top_k))
+
+
+def top_k_mean(maps: torch.Tensor, top_k: float) -> torch.Tensor:
+    """Mean of the largest ``top_k_count(H * W, top_k)`` values per image of ``[B, H, W]`` -> ``[B]``."""
+    flat = maps.flatten(1)
+    k = top_k_count(flat.shape[1], top_k)
+    return torch.topk(flat, k, dim=1).values.mean(dim=1)
+
+
+def aggregate_anomaly_maps(
+    log_likelihood_maps: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    output_size: tuple[int, int],
+    *,
+    top_k: float = 0.03,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSFlow's multi-scale post-processing (official definitions, per image).
+
+    With ``Up`` = bilinear upsampling, ``align_corners=True``, to ``output_size``:
+
+    * "add": ``P_k = Up(exp(L_k - max L_k))``; ``S = sum_k P_k``; ``anomaly_map_add = max S - S``.
+    * "mul": ``L = sum_k Up(L_k)``; ``P = exp(L - max L)``; ``anomaly_map_mul = max P - P = 1 - P``.
+    * ``score`` = mean of the ``top_k_count(H * W, top_k)`` largest values of ``anomaly_map_mul``.
+
+    All maxima are per image. The official score saturates at 1.0 once log-likelihood gaps
+    exceed about 88 nats in float32 (``exp`` underflow); see :func:`log_space_score`.
+
+    Args:
+        log_likelihood_maps: per-scale maps ``[B, h_k, w_k]`` (e.g. from :func:`log_likelihood_map`).
+        output_size: ``(H, W)`` of the anomaly maps.
+        top_k: fraction of pixels in the score, ``0 < top_k <= 1``.
+
+    Returns:
+        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``.
+    """
+    summed_log = None
+    summed_prob = None
+    for logp in log_likelihood_maps:
+        prob = torch.exp(logp - logp.flatten(1).max(dim=1).values.view(-1, 1, 1))
+        up_prob = upsample_bilinear(prob, output_size)
+        up_log = upsample_bilinear(logp, output_size)
+        summed_prob = up_prob if summed_prob is None else summed_prob + up_prob
+        summed_log = up_log if summed_log is None else summed_log + up_log
+    max_prob = summed_prob.flatten(1).max(dim=1).values.view(-1, 1, 1)
+    anomaly_map_add = max_prob - summed_prob
+    prob_mul = torch.exp(summed_log - summed_log.flatten(1).max(dim=1).values.view(-1, 1, 1))
+    anomaly_map_mul = prob_mul.flatten(1).max(dim=1).values.view(-1, 1, 1) - prob_mul
+    return anomaly_map_add, anomaly_map_mul, top_k_mean(anomaly_map_mul, top_k)
+
+
+def log_space_score(
+    log_likelihood_maps: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    output_size: tuple[int, int],
+    *,
+    top_k: float = 0.03,
+) -> torch.Tensor:
+    """Numerically stable image score: mean of the top-k of ``max L - L`` (nats) per image.
+
+    ``L = sum_k Up(L_k)`` as in the "mul" map. Since ``1 - exp(L - max L)`` is increasing
+    in ``max L - L``, both scores order pixels identically; this one never saturates.
+
+    Returns:
+        ``[B]`` in nats, ``>= 0``.
+    """
+    summed_log = sum(upsample_bilinear(logp, output_size) for logp in log_likelihood_maps)
+    gap = summed_log.flatten(1).max(dim=1).values.view(-1, 1, 1) - summed_log
+    return top_k_mean(gap, top_k)
+
+
+__all__ = [
+    "AFFINE_TYPES",
+    "ATAN_FACTOR",
+    "CLAMP_FORMS",
+    "PRE_FACTOR",
+    "affine_coupling",
+    "aggregate_anomaly_maps",
+    "coupling_affine_permute",
+    "coupling_shift",
+    "gaussian_nll",
+    "global_affine_permute",
+    "global_scale_activation",
+    "global_scale_init",
+    "invert_permutation",
+    "log_likelihood_map",
+    "log_space_score",
+    "soft_clamp",
+    "top_k_count",
+    "top_k_mean",
+    "upsample_bilinear",
+]
