@@ -1,0 +1,85 @@
+"""Backend selection: argument > context manager > environment > auto; explicit requests fail loudly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import msflow_fast
+from msflow_fast import ops
+from msflow_fast.ops import _backend
+
+
+def _inputs():
+    x = torch.randn(2, 3, 4, 5)
+    a = torch.randn(2, 6, 4, 5)
+    return x, a
+
+
+def test_reference_backend_always_available():
+    assert "reference" in ops.available_backends("cpu")
+    x, a = _inputs()
+    y, logdet = ops.affine_coupling(x, a, clamp=1.9, backend="reference")
+    y_ref, logdet_ref = ops.reference.affine_coupling(x, a, clamp=1.9)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(logdet, logdet_ref)
+
+
+def test_precedence_argument_context_environment(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_BACKEND, "cpp")
+    assert _backend.requested_backend() == "cpp"
+    with ops.use_backend("reference"):
+        assert _backend.requested_backend() == "reference"
+        assert _backend.requested_backend("triton") == "triton"
+    assert _backend.requested_backend() == "cpp"
+    monkeypatch.delenv(_backend.ENV_BACKEND)
+    assert _backend.requested_backend() == "auto"
+
+
+def test_unknown_backend_names_raise():
+    x, a = _inputs()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.affine_coupling(x, a, clamp=1.9, backend="cuda")
+    with pytest.raises(ValueError, match="use_backend"):
+        with ops.use_backend("fast"):
+            pass
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv(_backend.ENV_BACKEND, "nope")
+    x, a = _inputs()
+    with pytest.raises(ValueError, match="MSFLOW_FAST_BACKEND"):
+        ops.affine_coupling(x, a, clamp=1.9)
+
+
+def test_explicit_unavailable_backend_says_how_to_get_it(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, a = _inputs()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.affine_coupling(x, a, clamp=1.9, backend="triton")
+
+
+def test_explicit_cpp_without_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(
+        "msflow_fast._build.extension_info", lambda: {"loaded": False, "cuda": False, "error": "ImportError: gone"}
+    )
+    x, a = _inputs()
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        ops.affine_coupling(x, a, clamp=1.9, backend="cpp")
+    # auto never raises: it falls back to the reference
+    name, _ = _backend.resolve("affine_coupling", x.device)
+    assert name == "reference"
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu():
+    for op in ("affine_coupling", "gaussian_nll", "aggregate_anomaly_maps"):
+        name, _ = _backend.resolve(op, torch.device("cpu"))
+        assert name in ("cpp", "reference")
+
+
+def test_build_info_reports_extension_and_backends():
+    info = msflow_fast.build_info()
+    for key in ("version", "torch", "extension", "extension_cuda", "triton", "backends"):
+        assert key in info
+    assert "reference" in info["backends"]["cpu"]
+    assert info["extension"] == (info["extension_error"] is None)
