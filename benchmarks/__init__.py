@@ -1,0 +1,1 @@
+"""msflow_fast benchmarks: ``python -m benchmarks.run --help``."""

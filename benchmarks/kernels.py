@@ -1,0 +1,201 @@
+"""Kernel microbenchmarks at MSFlow's real shapes: one registry, every provider, every mode.
+
+Providers: ``reference`` (eager ``ops.reference``), ``compile`` (``torch.compile`` of the
+reference), ``triton`` and ``cpp`` (through the public ops with ``backend=``). Modes: ``fwd``,
+``fwd+bwd`` (forward then backward of a random cotangent), ``inverse``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from msflow_fast import ops
+from msflow_fast.ops import reference
+
+from .harness import Result, tensor_bytes, time_ms
+
+# (channels, grid) per scale for a 512-px input (MSFLOW_SPEC.md §1.3)
+MSFLOW_SCALES = ((256, 64), (512, 32), (1024, 16))
+
+
+@dataclass
+class Case:
+    """One op at one shape: ``make()`` returns (inputs that need grad, other args as kwargs)."""
+
+    op: str
+    shape: str
+    make: Callable[[torch.device, torch.dtype], tuple[list[torch.Tensor], dict]]
+    run: Callable[..., tuple]  # run(fn_kind, *tensors, **kwargs) -> outputs
+    modes: tuple[str, ...] = ("fwd", "fwd+bwd", "inverse")
+
+
+def _coupling_case(batch: int, channels: int, grid: int) -> Case:
+    active = channels // 2
+
+    def make(device, dtype):
+        x = torch.randn(batch, active, grid, grid, device=device, dtype=dtype)
+        a = 3 * torch.randn(batch, 2 * active, grid, grid, device=device, dtype=dtype)
+        return [x, a], {"clamp": 1.9, "clamp_form": "tanh"}
+
+    return Case("affine_coupling", f"B{batch} C{active} {grid}x{grid}", make, _call("affine_coupling"))
+
+
+def _block_tail_case(batch: int, channels: int, grid: int) -> Case:
+    def make(device, dtype):
+        x = torch.randn(batch, channels, grid, grid, device=device, dtype=dtype)
+        a = 3 * torch.randn(batch, 2 * (channels // 2), grid, grid, device=device, dtype=dtype)
+        gamma = torch.full((channels,), 9.9865, device=device, dtype=dtype) + 0.1 * torch.randn(channels, device=device, dtype=dtype)
+        offset = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+        perm = torch.randperm(channels, device=device)
+        return [x, a, gamma, offset], {"perm": perm, "clamp": 1.9}
+
+    return Case(
+        "coupling_affine_permute",
+        f"B{batch} C{channels} {grid}x{grid}",
+        make,
+        _call("coupling_affine_permute", perm_positional=True),
+        modes=("fwd", "fwd+bwd"),
+    )
+
+
+def _global_affine_case(batch: int, channels: int, grid: int) -> Case:
+    def make(device, dtype):
+        x = torch.randn(batch, channels, grid, grid, device=device, dtype=dtype)
+        gamma = torch.full((channels,), 9.9865, device=device, dtype=dtype)
+        offset = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+        return [x, gamma, offset], {"perm": torch.randperm(channels, device=device)}
+
+    return Case(
+        "global_affine_permute", f"B{batch} C{channels} {grid}x{grid}", make, _call("global_affine_permute", perm_positional=True)
+    )
+
+
+def _nll_case(batch: int, channels: int, grid: int) -> Case:
+    def make(device, dtype):
+        z = torch.randn(batch, channels, grid, grid, device=device, dtype=dtype)
+        return [z, torch.randn(batch, device=device, dtype=dtype)], {}
+
+    return Case("gaussian_nll", f"B{batch} C{channels} {grid}x{grid}", make, _call("gaussian_nll"), modes=("fwd", "fwd+bwd"))
+
+
+def _aggregate_case(batch: int, size: int) -> Case:
+    def make(device, dtype):
+        maps = [-5 * torch.rand(batch, g // (512 // size), g // (512 // size), device=device, dtype=dtype) for _, g in MSFLOW_SCALES]
+        return [], {"maps": maps}
+
+    def run(kind, backend, maps):
+        fn = _impl("aggregate_anomaly_maps", kind, backend)
+        return fn(maps, (size, size), top_k=0.03)
+
+    return Case("aggregate_anomaly_maps", f"B{batch} {size}x{size}", make, run, modes=("fwd",))
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _impl(op: str, kind: str, backend: str | None) -> Callable:
+    if kind == "reference":
+        return getattr(reference, op)
+    if kind == "compile":
+        if op not in _compiled:
+            _compiled[op] = torch.compile(getattr(reference, op), dynamic=False)
+        return _compiled[op]
+    public = getattr(ops, op)
+    return lambda *args, **kwargs: public(*args, backend=backend, **kwargs)
+
+
+def _call(op: str, *, perm_positional: bool = False) -> Callable:
+    def run(kind, backend, *tensors, perm=None, **kwargs):
+        fn = _impl(op, kind, backend)
+        if perm_positional:
+            return fn(*tensors, perm, **kwargs)
+        return fn(*tensors, **kwargs)
+
+    return run
+
+
+def cases(batch: int = 8, head_batch: int = 32, head_size: int = 512) -> list[Case]:
+    out: list[Case] = []
+    for channels, grid in MSFLOW_SCALES:
+        out += [
+            _coupling_case(batch, channels, grid),
+            _global_affine_case(batch, channels, grid),
+            _block_tail_case(batch, channels, grid),
+            _nll_case(batch, channels, grid),
+        ]
+    out.append(_aggregate_case(head_batch, head_size))
+    return out
+
+
+def _providers(device: torch.device, op: str, with_compile: bool) -> list[str]:
+    providers = ["reference"] + (["compile"] if with_compile else [])
+    for backend in ("triton", "cpp"):
+        if backend in ops.available_backends(device, op) and not (backend == "triton" and device.type == "cpu"):
+            providers.append(backend)
+    return providers
+
+
+def _as_tuple(outs: object) -> tuple:
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+def _timed_fn(case: Case, provider: str, mode: str, tensors: list[torch.Tensor], kwargs: dict) -> Callable[[], object]:
+    backend = provider if provider in ("triton", "cpp") else None
+    if mode == "fwd+bwd":
+        leaves = [t.detach().requires_grad_(True) for t in tensors]
+        cotangents = [torch.randn_like(o) for o in _as_tuple(case.run(provider, backend, *leaves, **kwargs))]
+
+        def forward_backward():
+            for leaf in leaves:
+                leaf.grad = None
+            torch.autograd.backward(_as_tuple(case.run(provider, backend, *leaves, **kwargs)), cotangents)
+
+        return forward_backward
+    call_kwargs = {**kwargs, "reverse": True} if mode == "inverse" else kwargs
+
+    def no_grad_call():
+        with torch.no_grad():
+            return case.run(provider, backend, *tensors, **call_kwargs)
+
+    return no_grad_call
+
+
+def run_case(
+    case: Case, device: torch.device, dtype: torch.dtype, *, with_compile: bool = True, min_run_time: float = 0.5
+) -> list[Result]:
+    """Time every provider and mode of ``case``.
+
+    GB/s counts the minimal memory traffic: inputs read and outputs written once (``fwd``,
+    ``inverse``); for ``fwd+bwd`` twice that plus the gradients written.
+    """
+    tensors, kwargs = case.make(device, dtype)
+    inputs = tensors + list(kwargs.get("maps", []))
+    results = []
+    for provider in _providers(device, case.op, with_compile):
+        for mode in case.modes:
+            fn = _timed_fn(case, provider, mode, tensors, kwargs)
+            with torch.no_grad():
+                outs = _as_tuple(case.run(provider, None if provider in ("reference", "compile") else provider, *tensors, **kwargs))
+            moved = tensor_bytes(inputs) + tensor_bytes(outs)
+            if mode == "fwd+bwd":
+                moved = 2 * moved + tensor_bytes(tensors)
+            median, p20, p80 = time_ms(fn, device, min_run_time=min_run_time)
+            results.append(
+                Result(
+                    suite="kernels",
+                    op=case.op,
+                    provider=provider,
+                    mode=mode,
+                    shape=case.shape,
+                    dtype=str(dtype).replace("torch.", ""),
+                    device=device.type,
+                    median_ms=median,
+                    p20_ms=p20,
+                    p80_ms=p80,
+                    gb_per_s=moved / (median * 1e-3) / 1e9,
+                )
+            )
+    return results
