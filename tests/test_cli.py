@@ -1,0 +1,190 @@
+"""Command line: generated config flags, train / eval / predict end to end, resume, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from PIL import Image
+
+from msflow_fast import cli
+from msflow_fast.engine import load_checkpoint, write_synthetic_dataset
+from test_engine_protocol import TinyFlowModel
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyConfig:
+    input_size: int = 32
+    backbone: str = "tiny"
+    pretrained: bool = True
+    parallel_blocks: tuple[int, ...] = (2, 5, 8)
+    clamp_alpha: float = 1.9
+    top_k: float = 0.03
+    pool_type: Literal["avg", "max"] = "avg"
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.input_size % 4:
+            raise ValueError(f"input_size: expected a multiple of 4, got {self.input_size}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class TinyMSFlow(TinyFlowModel):
+    def __init__(self, config=None, backbone=None, **overrides):
+        config = dataclasses.replace(config or TinyConfig(), **overrides)
+        super().__init__(input_size=config.input_size)
+        self.config = config
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    monkeypatch.setattr(cli, "_model_api", lambda: (TinyMSFlow, TinyConfig))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic_dataset(root, "syn", num_train=8, num_test=6, input_size=32, seed=0)
+    return root
+
+
+def test_config_flags_are_generated_from_the_dataclass(stand_in):
+    parser = cli.build_parser()
+    args = parser.parse_args(
+        ["train", "--data", "x", "--input-size", "64", "--parallel-blocks", "1", "2", "3", "--no-pretrained",
+         "--pool-type", "max", "--seed", "5", "--clamp-alpha", "2.5"]
+    )
+    over = cli.config_overrides(args, TinyConfig)
+    # --seed is the training seed; the config field gets a prefixed flag
+    assert over == {"input_size": 64, "parallel_blocks": (1, 2, 3), "pretrained": False, "pool_type": "max", "clamp_alpha": 2.5}
+    args = parser.parse_args(["train", "--data", "x", "--model-seed", "none"])
+    assert cli.config_from_args(args, TinyConfig).seed is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--data", "x", "--pool-type", "median"])
+
+
+def test_help_lists_commands_and_config_fields(stand_in, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    for name in ("train", "eval", "predict", "demo"):
+        assert name in text
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data", "--category", "--out", "--epochs", "--batch-size", "--device", "--checkpoint", "--input-size", "--clamp-alpha", "--parallel-blocks", "--top-k", "--resume", "--amp"):
+        assert flag in text
+
+
+def test_train_eval_predict_end_to_end(stand_in, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--data", str(dataset), "--category", "syn", "--out", str(out), "--epochs", "2", "--batch-size", "4", "--lr", "0.05", "--no-progress", "--heatmaps"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "image AUROC" in text and "AUPRO" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["image_auroc"] <= 1.0 and metrics["num_images"] == 6
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1 and state["config"]["input_size"] == 32
+    assert len(list((out / "heatmaps").glob("*.png"))) == 6
+
+    rc = cli.main(["eval", "--data", str(dataset), "--category", "syn", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "ev"), "--no-progress"])
+    assert rc == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["image_auroc"] == pytest.approx(metrics["image_auroc"])
+    assert again["aupro"] == pytest.approx(metrics["aupro"])
+
+    images = dataset / "syn" / "test" / "good"
+    rc = cli.main(["predict", "--checkpoint", str(out), "--input", str(images), "--out", str(tmp_path / "pred"), "--no-progress"])
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "pred" / "scores.csv").open()))
+    assert len(rows) == len(list(images.iterdir()))
+    png = Image.open(rows[0]["heatmap"])
+    assert png.size[1] == 32 and png.size[0] > 64 and png.mode == "RGB"
+
+
+def test_train_resume_continues(stand_in, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--data", str(dataset), "--category", "syn", "--out", str(out), "--batch-size", "4", "--no-progress", "--no-eval"]
+    assert cli.main(base + ["--epochs", "2"]) == 0
+    assert cli.main(base + ["--epochs", "3", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "trained epochs 3-3" in text
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_errors_name_the_problem(stand_in, dataset, tmp_path, capsys):
+    rc = cli.main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "missing" in capsys.readouterr().err
+    rc = cli.main(["eval", "--data", str(dataset), "--category", "syn", "--checkpoint", str(tmp_path / "nope.pt")])
+    assert rc == 2 and "nope.pt" in capsys.readouterr().err
+    rc = cli.main(["train", "--data", str(dataset), "--category", "syn", "--input-size", "30", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "input_size" in capsys.readouterr().err
+
+
+def test_corrupt_training_image_is_named(stand_in, tmp_path, capsys):
+    root = tmp_path / "data"
+    base = write_synthetic_dataset(root, "syn", num_train=4, num_test=4, input_size=32)
+    bad = base / "train" / "good" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    rc = cli.main(["train", "--data", str(root), "--category", "syn", "--out", str(tmp_path / "o"), "--epochs", "1", "--no-progress", "--no-eval"])
+    assert rc == 2 and "002.png" in capsys.readouterr().err
+
+
+def test_console_entry_point_help():
+    proc = subprocess.run([sys.executable, "-m", "msflow_fast.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the real MSFlow with a small random-initialised timm backbone (no network needed)
+# ---------------------------------------------------------------------------------------------
+
+_SMALL = ["--input-size", "64", "--backbone", "resnet18", "--no-pretrained", "--parallel-blocks", "1", "1", "1"]
+
+
+def test_real_msflow_train_eval_predict(tmp_path, capsys):
+    pytest.importorskip("timm")
+    root = tmp_path / "data"
+    write_synthetic_dataset(root, "syn", num_train=4, num_test=4, input_size=64, seed=2)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--data", str(root), "--category", "syn", "--out", str(out), "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--no-progress", *_SMALL])
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= metrics[key] <= 1.0
+    state = load_checkpoint(out / "last.pt")
+    assert state["config"]["backbone"] == "resnet18" and state["config"]["input_size"] == [64, 64]
+    rc = cli.main(["eval", "--data", str(root), "--category", "syn", "--checkpoint", str(out), "--out", str(tmp_path / "ev"), "--no-progress"])
+    assert rc == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["pixel_auroc"] == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
+    rc = cli.main(["predict", "--checkpoint", str(out / "last.pt"), "--input", str(root / "syn" / "test" / "good"), "--out", str(tmp_path / "pred"), "--no-progress"])
+    assert rc == 0
+    assert len(list((tmp_path / "pred" / "heatmaps").glob("*.png"))) == 2
+
+
+def test_real_msflow_demo_console_script(tmp_path):
+    pytest.importorskip("timm")
+    exe = Path(sys.executable).with_name("msflow-fast")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "msflow_fast.cli"]
+    proc = subprocess.run(
+        cmd + ["demo", "--out", str(tmp_path), "--epochs", "1", "--num-train", "4", "--num-test", "4", "--batch-size", "4", "--no-progress", "--input-size", "64"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "image AUROC" in proc.stdout and "pixel AUROC" in proc.stdout and "AUPRO" in proc.stdout
+    assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "last.pt").is_file()
+    assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 4

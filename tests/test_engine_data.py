@@ -1,0 +1,177 @@
+"""Datasets: MVTec layout, VisA/BTAD mask names, synthetic defects, and errors that name the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msflow_fast.engine import MVTecDataset, SyntheticDefects, denormalize, write_synthetic_dataset
+from msflow_fast.engine.data import ImageFolderDataset, _synthetic_sample
+
+
+def _png(path, size=(20, 20), mode="RGB", value=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(path)))
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    arr = rng.integers(0, 255, shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
+    Image.fromarray(arr, mode=None).convert(mode).save(path)
+    return path
+
+
+def _layout(root, mask_suffix="_mask", defect="crack"):
+    base = root / "cat"
+    _png(base / "train" / "good" / "000.png")
+    _png(base / "train" / "good" / "001.png", mode="L")  # grayscale -> 3 channels
+    _png(base / "test" / "good" / "000.png")
+    _png(base / "test" / defect / "000.png")
+    mask = np.zeros((20, 20), np.uint8)
+    mask[5:9, 5:12] = 17  # any non-zero is anomalous
+    (base / "ground_truth" / defect).mkdir(parents=True)
+    Image.fromarray(mask).save(base / "ground_truth" / defect / f"000{mask_suffix}.png")
+    return base
+
+
+def test_mvtec_layout_items(tmp_path):
+    _layout(tmp_path)
+    train = MVTecDataset(tmp_path, "cat", "train", input_size=16)
+    assert len(train) == 2
+    item = train[1]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["label"] == 0 and not item["mask"].any()
+    test = MVTecDataset(tmp_path, "cat", "test", input_size=16)
+    assert test.labels == [1, 0]  # sorted defect folders: crack, good
+    bad = test[0]
+    assert bad["mask"].dtype == torch.bool and bad["mask"].shape == (16, 16)
+    assert 0 < bad["mask"].sum() < 256
+    assert bad["defect"] == "crack" and bad["path"].endswith("000.png")
+    img = denormalize(bad["image"])
+    assert img.min() >= 0 and img.max() <= 1
+
+
+def test_visa_style_masks_and_category_none(tmp_path):
+    base = _layout(tmp_path, mask_suffix="", defect="bad")
+    test = MVTecDataset(base, None, "test", input_size=20)
+    assert test[0]["mask"].sum() == 4 * 7
+
+
+@pytest.mark.parametrize("missing", ["root", "category", "split", "good"])
+def test_missing_folders_name_the_path(tmp_path, missing):
+    _layout(tmp_path)
+    import shutil
+
+    root, category = tmp_path, "cat"
+    if missing == "root":
+        root = tmp_path / "nowhere"
+        expected = "nowhere"
+    elif missing == "category":
+        category = "dog"
+        expected = "dog"
+    elif missing == "split":
+        shutil.rmtree(tmp_path / "cat" / "train")
+        expected = "train"
+    else:
+        shutil.rmtree(tmp_path / "cat" / "train" / "good")
+        expected = "good"
+    with pytest.raises(FileNotFoundError, match=expected):
+        MVTecDataset(root, category, "train", input_size=16)
+
+
+def test_empty_folder_names_it(tmp_path):
+    base = _layout(tmp_path)
+    for f in (base / "train" / "good").iterdir():
+        f.unlink()
+    with pytest.raises(ValueError, match=r"empty folder: .*train.good"):
+        MVTecDataset(tmp_path, "cat", "train", input_size=16)
+
+
+def test_missing_mask_names_the_image(tmp_path):
+    base = _layout(tmp_path)
+    _png(base / "test" / "crack" / "001.png")
+    with pytest.raises(FileNotFoundError, match=r"missing mask for defect image .*001\.png"):
+        MVTecDataset(tmp_path, "cat", "test", input_size=16)
+
+
+def test_missing_ground_truth_folder(tmp_path):
+    base = _layout(tmp_path)
+    _png(base / "test" / "scratch" / "000.png")
+    with pytest.raises(FileNotFoundError, match=r"ground_truth.scratch"):
+        MVTecDataset(tmp_path, "cat", "test", input_size=16)
+
+
+def test_truncated_png_names_the_file(tmp_path):
+    base = _layout(tmp_path)
+    path = base / "train" / "good" / "000.png"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    ds = MVTecDataset(tmp_path, "cat", "train", input_size=16)
+    with pytest.raises(ValueError, match=r"cannot read image .*000\.png"):
+        ds[0]
+
+
+def test_garbage_file_names_the_file(tmp_path):
+    base = _layout(tmp_path)
+    (base / "train" / "good" / "000.png").write_bytes(b"not a png at all")
+    ds = MVTecDataset(tmp_path, "cat", "train", input_size=16)
+    with pytest.raises(ValueError, match=r"000\.png"):
+        ds[0]
+
+
+def test_mask_size_mismatch_names_the_mask(tmp_path):
+    base = _layout(tmp_path)
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(base / "ground_truth" / "crack" / "000_mask.png")
+    ds = MVTecDataset(tmp_path, "cat", "test", input_size=16)
+    with pytest.raises(ValueError, match=r"mask size mismatch: .*000_mask\.png"):
+        ds[0]
+
+
+def test_bad_split_and_size(tmp_path):
+    _layout(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        MVTecDataset(tmp_path, "cat", "val")
+    with pytest.raises(ValueError, match="input_size"):
+        MVTecDataset(tmp_path, "cat", "train", input_size=0)
+
+
+def test_synthetic_defects_deterministic_with_exact_masks():
+    a = SyntheticDefects("test", 8, 32, seed=3)
+    b = SyntheticDefects("test", 8, 32, seed=3)
+    c = SyntheticDefects("test", 8, 32, seed=4)
+    assert torch.equal(a[1]["image"], b[1]["image"]) and not torch.equal(a[1]["image"], c[1]["image"])
+    labels = [a[i]["label"] for i in range(8)]
+    assert sum(labels) == 4
+    for i in range(8):
+        item = a[i]
+        assert item["mask"].any() == bool(item["label"])
+    # the mask covers exactly what changed: outside it the image equals the normal texture
+    img, mask, kind = a.raw(1)
+    clean, _, _ = _synthetic_sample(3, "test", 1, 32, anomalous=False)
+    assert kind != "good" and mask.any()
+    assert np.array_equal(img[~mask], clean[~mask])
+    assert np.abs(img[mask].astype(int) - clean[mask].astype(int)).mean() > 5
+    train = SyntheticDefects("train", 4, 32, seed=3)
+    assert all(train[i]["label"] == 0 for i in range(4))
+
+
+def test_write_synthetic_dataset_roundtrip(tmp_path):
+    base = write_synthetic_dataset(tmp_path, "syn", num_train=4, num_test=6, input_size=32, seed=1)
+    train = MVTecDataset(tmp_path, "syn", "train", input_size=32)
+    test = MVTecDataset(tmp_path, "syn", "test", input_size=32)
+    assert len(train) == 4 and len(test) == 6 and sum(test.labels) == 3
+    ref = SyntheticDefects("test", 6, 32, seed=1)
+    by_name = {int(s[0].stem): i for i, s in enumerate(test.samples)}
+    for k in range(6):
+        item, expected = test[by_name[k]], ref[k]
+        assert torch.allclose(item["image"], expected["image"], atol=1e-5)
+        assert torch.equal(item["mask"], expected["mask"])
+    assert (base / "ground_truth").is_dir()
+
+
+def test_image_folder_dataset(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.jpg")
+    ds = ImageFolderDataset(tmp_path, input_size=8)
+    assert len(ds) == 2 and ds[0]["image"].shape == (3, 8, 8)
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        ImageFolderDataset([tmp_path / "nope.png"])

@@ -1,0 +1,147 @@
+"""evaluate() / predict_folder(): metrics from collected maps, outputs on disk, overlays, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from msflow_fast.engine import SyntheticDefects, apply_colormap, aupro, evaluate, fit, overlay, predict_folder
+from msflow_fast.engine.checkpoint import atomic_write_json
+from test_engine_protocol import TinyFlowModel
+
+
+class _Oracle(torch.nn.Module):
+    """predict() returns fixed maps/scores looked up from the images' first pixel (the item index)."""
+
+    def __init__(self, maps_add, maps_mul, scores):
+        super().__init__()
+        self.maps_add, self.maps_mul, self.scores = maps_add, maps_mul, scores
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def predict(self, images):
+        idx = images[:, 0, 0, 0].round().long()
+        return SimpleNamespace(anomaly_map=self.maps_add[idx], anomaly_map_mul=self.maps_mul[idx], score=self.scores[idx])
+
+
+def _batches(n, size, masks, bs=3):
+    for start in range(0, n, bs):
+        idx = torch.arange(start, min(n, start + bs))
+        images = idx.float().view(-1, 1, 1, 1).expand(-1, 3, size, size).clone()
+        yield {"image": images, "mask": masks[idx], "label": masks[idx].flatten(1).any(1).long()}
+
+
+def test_evaluate_matches_direct_metrics():
+    g = torch.Generator().manual_seed(0)
+    n, size = 7, 12
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    masks[1::2, 3:7, 2:9] = True
+    maps_add = torch.rand(n, size, size, generator=g) + masks
+    maps_mul = torch.rand(n, size, size, generator=g) + 0.5 * masks
+    scores = torch.rand(n, generator=g)
+    model = _Oracle(maps_add, maps_mul, scores)
+    result = evaluate(model, list(_batches(n, size, masks)), progress=False)
+    labels = masks.flatten(1).any(1).numpy()
+    assert result["image_auroc"] == pytest.approx(roc_auc_score(labels, scores.numpy()))
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.numpy().ravel(), maps_add.numpy().ravel()))
+    assert result["aupro"] == pytest.approx(aupro(maps_mul, masks))
+    assert result["num_images"] == n and result["num_anomalous"] == 3 and result["units"] == "fraction"
+
+
+def test_evaluate_without_anomalies_gives_none():
+    masks = torch.zeros(4, 8, 8, dtype=torch.bool)
+    model = _Oracle(torch.rand(4, 8, 8), torch.rand(4, 8, 8), torch.rand(4))
+    result = evaluate(model, list(_batches(4, 8, masks)), progress=False)
+    assert result["image_auroc"] is None and result["pixel_auroc"] is None and result["aupro"] is None
+
+
+def test_evaluate_shape_mismatch_is_explained():
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    model = _Oracle(torch.rand(2, 6, 6), torch.rand(2, 6, 6), torch.rand(2))
+    with pytest.raises(ValueError, match="do not match masks"):
+        evaluate(model, list(_batches(2, 8, masks)), progress=False)
+
+
+def test_evaluate_trained_stand_in_on_synthetic_defects(tmp_path):
+    model = TinyFlowModel(input_size=64)
+    fit(model, SyntheticDefects("train", 16, 64, seed=0), epochs=10, lr=0.05, batch_size=8, progress=False, warmup_epochs=0)
+    test = SyntheticDefects("test", 12, 64, seed=0)
+    result = evaluate(model, test, batch_size=4, out_dir=tmp_path, heatmaps=True, progress=False)
+    assert result["image_auroc"] > 0.6 and result["pixel_auroc"] > 0.6
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["aupro"] == pytest.approx(result["aupro"])
+    rows = list(csv.DictReader((tmp_path / "scores.csv").open()))
+    assert len(rows) == 12 and {r["label"] for r in rows} == {"0", "1"}
+    pngs = sorted((tmp_path / "heatmaps").glob("*.png"))
+    assert len(pngs) == 12
+    assert Image.open(pngs[0]).size == (3 * 64 + 8, 64)
+
+
+def test_predict_folder_writes_overlays_and_csv(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    ds = SyntheticDefects("test", 3, 40, seed=1)
+    for i in range(3):
+        Image.fromarray(ds.raw(i)[0]).save(src / f"im{i}.png")
+    model = TinyFlowModel(input_size=32)
+    results = predict_folder(model, src, tmp_path / "out", batch_size=2, progress=False)
+    assert [r["path"].endswith(f"im{i}.png") for i, r in enumerate(results)] == [True] * 3
+    rows = list(csv.DictReader((tmp_path / "out" / "scores.csv").open()))
+    assert len(rows) == 3 and float(rows[0]["score"]) == pytest.approx(results[0]["score"], rel=1e-6)
+    assert Image.open(results[0]["heatmap"]).size == (2 * 32 + 4, 32)
+
+
+def test_colormap_and_overlay():
+    rgb = apply_colormap(np.array([0.0, 0.5, 1.0, 2.0, np.nan]))
+    assert rgb.dtype == np.uint8 and rgb.shape == (5, 3)
+    assert tuple(rgb[2]) == tuple(rgb[3])  # clipped
+    assert rgb[0, 2] > rgb[0, 0] and rgb[2, 0] > rgb[2, 2]  # blue at 0, red at 1
+    img = np.full((4, 5, 3), 100, np.uint8)
+    out = overlay(img, np.zeros((4, 5)), alpha=0.0)
+    assert np.array_equal(out, img)
+    with pytest.raises(ValueError, match="heat"):
+        overlay(img, np.zeros((5, 4)))
+
+
+def test_atomic_json_leaves_no_temp_files(tmp_path):
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    atomic_write_json(tmp_path / "m.json", {"a": 2})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+class _TinyBackbone(torch.nn.Module):
+    """Three random conv stages at strides 4 / 8 / 16 (8 / 16 / 32 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.s2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.s3 = torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.stem(x))
+        b = torch.relu(self.s2(a))
+        return [a, b, torch.relu(self.s3(b))]
+
+
+def test_real_msflow_fit_resume_evaluate(tmp_path):
+    from msflow_fast.model import MSFlow, MSFlowConfig
+
+    torch.manual_seed(0)
+    config = MSFlowConfig(input_size=64, pretrained=False, parallel_blocks=(1, 1, 1), c_cond=8)
+    model = MSFlow(config, backbone=_TinyBackbone())
+    train = SyntheticDefects("train", 8, 64, seed=0)
+    first = fit(model, train, epochs=2, lr=1e-3, batch_size=4, out_dir=tmp_path, progress=False)
+    assert all(np.isfinite(first.losses))
+    again = fit(model, train, epochs=3, lr=1e-3, batch_size=4, out_dir=tmp_path, resume=True, progress=False)
+    assert again.start_epoch == 2 and len(again.losses) == 1
+    result = evaluate(model, SyntheticDefects("test", 6, 64, seed=0), batch_size=3, progress=False)
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= result[key] <= 1.0

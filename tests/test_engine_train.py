@@ -1,0 +1,184 @@
+"""fit(): schedule, input kinds, checkpoints, resume after interruption, non-finite loss, AMP, DDP."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, Dataset
+
+from msflow_fast.engine import OfficialSchedule, SyntheticDefects, fit, load_checkpoint
+from test_engine_protocol import TinyFlowModel
+
+
+class _Images(Dataset):
+    def __init__(self, n=12, size=16, fail_at=None):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.rand(n, 3, size, size, generator=g) * 2 + 0.5
+        self.fail_at, self.calls = fail_at, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.calls += 1
+        if self.fail_at is not None and self.calls > self.fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return {"image": self.x[i]}
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_official_schedule_matches_torch_schedulers():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1e-4)
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=1.0, total_iters=12)
+    decay = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[70, 90], gamma=0.33)
+    sched = OfficialSchedule(100)
+    assert sched.warmup_epochs == 12 and sched.milestones == (70, 90)
+    for epoch in range(100):
+        assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * sched(epoch), rel=1e-9)
+        opt.step()
+        warm.step()
+        decay.step()
+    scaled = OfficialSchedule(10)
+    assert scaled.warmup_epochs == 1 and scaled.milestones == (7, 9)
+    assert scaled(0) == pytest.approx(0.1) and scaled(1) == 1.0 and scaled(9) == pytest.approx(0.33**2)
+
+
+@pytest.mark.parametrize("kind", ["dataset", "loader", "tensors", "dicts"])
+def test_fit_accepts_input_kinds_and_lowers_loss(kind):
+    ds = _Images()
+    data = {
+        "dataset": ds,
+        "loader": DataLoader(ds, batch_size=4),
+        "tensors": [ds.x[i : i + 4] for i in range(0, 12, 4)],
+        "dicts": [{"image": ds.x[i : i + 4]} for i in range(0, 12, 4)],
+    }[kind]
+    model = TinyFlowModel(input_size=16)
+    result = fit(model, data, epochs=8, lr=0.05, batch_size=4, progress=False, warmup_epochs=0)
+    assert len(result.losses) == 8 and result.losses[-1] < result.losses[0]
+
+
+def test_fit_rejects_bad_arguments():
+    model = TinyFlowModel(input_size=16)
+    with pytest.raises(TypeError, match="loss"):
+        fit(torch.nn.Linear(2, 2), [torch.zeros(1, 3, 4, 4)], epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        fit(model, [torch.zeros(1, 3, 16, 16)], epochs=0)
+    with pytest.raises(TypeError, match="one-shot"):
+        fit(model, iter([torch.zeros(1, 3, 16, 16)]), epochs=2, progress=False)
+    with pytest.raises(ValueError, match="amp"):
+        fit(model, [torch.zeros(1, 3, 16, 16)], epochs=1, amp="int8")
+
+
+def test_checkpoint_every_epoch_and_contents(tmp_path):
+    model = TinyFlowModel(input_size=16)
+    fit(model, _Images(), epochs=3, lr=0.01, batch_size=4, shuffle=False, out_dir=tmp_path, progress=False)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 2 and len(state["history"]["loss"]) == 3
+    assert set(state["versions"]) == {"msflow_fast", "torch", "python"}
+    assert state["optimizer"] is not None and state["scheduler"] is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    torch.testing.assert_close(state["model"]["mu"], model.mu.detach())
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    kwargs = dict(epochs=5, lr=0.02, batch_size=4, shuffle=False, progress=False, warmup_epochs=2, milestones=[3])
+    ref = TinyFlowModel(input_size=16)
+    torch.manual_seed(0)
+    model = TinyFlowModel(input_size=16)
+    model.load_state_dict(ref.state_dict())
+    fit(ref, _Images(), **kwargs)
+
+    # interrupted during epoch 4 (12 items per epoch): epochs 1-3 are checkpointed
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, _Images(fail_at=12 * 3 + 5), out_dir=tmp_path, **kwargs)
+    assert load_checkpoint(tmp_path)["epoch"] == 2
+    fresh = TinyFlowModel(input_size=16)
+    result = fit(fresh, _Images(), out_dir=tmp_path, resume=True, **kwargs)
+    assert result.start_epoch == 3 and len(result.losses) == 2
+    for key, value in _params(ref).items():
+        torch.testing.assert_close(fresh.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    # resuming a finished run does nothing
+    again = fit(fresh, _Images(), out_dir=tmp_path, resume=True, **kwargs)
+    assert again.losses == []
+
+
+class _Exploding(TinyFlowModel):
+    def __init__(self, after):
+        super().__init__(input_size=16)
+        self.after, self.steps = after, 0
+
+    def loss(self, images):
+        self.steps += 1
+        loss = super().loss(images)
+        return loss * float("nan") if self.steps > self.after else loss
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    model = _Exploding(after=7)  # 3 steps per epoch: fails in epoch 3
+    with pytest.raises(RuntimeError, match=r"non-finite training loss .* epoch 3, step 2.*last\.pt") as info:
+        fit(model, _Images(), epochs=5, batch_size=4, shuffle=False, out_dir=tmp_path, progress=False)
+    assert "resume" in str(info.value)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1
+    restored = TinyFlowModel(input_size=16)
+    restored.load_state_dict(state["model"])
+    assert all(torch.isfinite(v).all() for v in restored.state_dict().values())
+
+
+def test_non_finite_without_checkpoint_says_so():
+    with pytest.raises(RuntimeError, match="No checkpoint was written"):
+        fit(_Exploding(after=0), _Images(), epochs=1, batch_size=4, progress=False)
+
+
+def test_bf16_autocast_on_cpu_trains():
+    model = TinyFlowModel(input_size=16)
+    result = fit(model, _Images(), epochs=2, lr=0.01, batch_size=6, amp="bf16", progress=False)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_progress_bars_run(capsys):
+    fit(TinyFlowModel(input_size=16), _Images(), epochs=1, batch_size=6, progress=True)
+    assert "epoch 1/1" in capsys.readouterr().out
+
+
+def test_fit_on_synthetic_dataset_dicts_with_masks():
+    ds = SyntheticDefects("train", 4, 16, seed=0)
+    result = fit(TinyFlowModel(input_size=16), ds, epochs=1, batch_size=2, progress=False)
+    assert len(result.losses) == 1
+
+
+def _ddp_worker(rank, world, init_file, out_dir, result_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
+        model = TinyFlowModel(input_size=16)
+        fit(model, _Images(n=8), epochs=2, lr=0.05, batch_size=2, out_dir=out_dir, progress=False, seed=0)
+        torch.save(model.state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_gloo(tmp_path):
+    out, res = tmp_path / "out", tmp_path / "res"
+    res.mkdir()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(out), str(res)), nprocs=2, join=True)
+    a, b = torch.load(res / "rank0.pt"), torch.load(res / "rank1.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    state = load_checkpoint(out / "last.pt")
+    assert state["epoch"] == 1
+    torch.testing.assert_close(state["model"]["mu"], a["mu"])
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
+
+
+def test_fp16_autocast_with_grad_scaler():
+    model = TinyFlowModel(input_size=16)
+    result = fit(model, _Images(), epochs=2, lr=0.01, batch_size=6, amp="fp16", progress=False)
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
