@@ -6,5 +6,6 @@ __version__ = "0.1.0"
 
 from ._build import build_info
 from . import ops
+from .model import MSFlow, MSFlowConfig
 
-__all__ = ["__version__", "build_info", "ops"]
+__all__ = ["MSFlow", "MSFlowConfig", "__version__", "build_info", "ops"]

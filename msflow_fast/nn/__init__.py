@@ -1,1 +1,64 @@
-"""msflow_fast.nn"""
+"""Drop-in ``torch.nn`` modules of msflow_fast: flow blocks, sequences, the fusion flow and the scoring head.
+
+Modules here call only the public functions of :mod:`msflow_fast.ops`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+
+from . import compat
+from .all_in_one import AllInOneBlock, FusedAllInOneBlock
+from .fusion import ChannelPermutation, FusionCouplingLayer, FusionFlow
+from .head import AnomalyHead, AnomalyPrediction
+from .sequence import ParallelFlows, SequenceFlow, build_parallel_flow
+from .subnets import FusionCrossConvs, FusionSTNets, SubnetConvLN, subnet_conv_ln
+
+_FREIA_MODULES = ("FrEIA.modules", "FrEIA.modules.all_in_one_block")
+
+
+@contextlib.contextmanager
+def patch_freia(block: type = AllInOneBlock) -> Iterator[None]:
+    """Swap FrEIA's ``AllInOneBlock`` for ``block`` while the context is active, then restore it.
+
+    Replaces the name in ``FrEIA.modules`` and ``FrEIA.modules.all_in_one_block``, so code that
+    looks it up at call time (``Fm.AllInOneBlock``) builds this package's block. Names bound
+    earlier with ``from FrEIA.modules import AllInOneBlock`` are not affected.
+
+    Raises:
+        ImportError: FrEIA is not installed (``pip install FrEIA``).
+    """
+    try:
+        modules = [importlib.import_module(name) for name in _FREIA_MODULES]
+    except ImportError as exc:
+        raise ImportError("patch_freia() needs the FrEIA package: pip install FrEIA==0.2") from exc
+    originals = [module.AllInOneBlock for module in modules]
+    try:
+        for module in modules:
+            module.AllInOneBlock = block
+        yield
+    finally:
+        for module, original in zip(modules, originals):
+            module.AllInOneBlock = original
+
+
+__all__ = [
+    "AllInOneBlock",
+    "AnomalyHead",
+    "AnomalyPrediction",
+    "ChannelPermutation",
+    "FusedAllInOneBlock",
+    "FusionCouplingLayer",
+    "FusionCrossConvs",
+    "FusionFlow",
+    "FusionSTNets",
+    "ParallelFlows",
+    "SequenceFlow",
+    "SubnetConvLN",
+    "build_parallel_flow",
+    "compat",
+    "patch_freia",
+    "subnet_conv_ln",
+]

@@ -1,0 +1,351 @@
+"""MSFlow model: shapes, predict vs the reference composition, config, checkpoints (official and own), bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import FrEIA.framework as Ff
+import FrEIA.modules as Fm
+
+import msflow_fast
+from msflow_fast import MSFlow, MSFlowConfig, ops
+from msflow_fast.model import (
+    FeatureExtractor,
+    PositionalEncoding2d,
+    load_checkpoint,
+    load_official_checkpoint,
+    positional_encoding_2d,
+    save_checkpoint,
+)
+from msflow_fast.nn import FusionCouplingLayer, FusionFlow, ParallelFlows, subnet_conv_ln
+
+CHANNELS = (8, 16, 32)
+SMALL = dict(c_cond=8, parallel_blocks=(1, 2, 2), pretrained=False)
+
+
+class TinyBackbone(nn.Module):
+    """Three maps at strides 4 / 8 / 16 with 8 / 16 / 32 channels (with batch norm, to test eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+
+    def forward(self, x):
+        a = self.stem(x)
+        b = self.layer2(a)
+        return [a, b, self.layer3(b)]
+
+
+def _model(**overrides) -> MSFlow:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = MSFlow(backbone=TinyBackbone(), **{**SMALL, **overrides})
+    with torch.no_grad():  # move away from the identity init
+        for name, p in model.named_parameters():
+            if "global_offset" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _images(batch=2, size=64):
+    return torch.randn(batch, 3, size, size)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_output_shapes(size):
+    model = _model()
+    x = _images(2, size)
+    latents, logdet = model(x)
+    grids = [math.ceil(size / s / 2) for s in (4, 8, 16)]
+    assert [tuple(z.shape) for z in latents] == [(2, c, g, g) for c, g in zip(CHANNELS, grids)]
+    assert logdet.shape == (2,)
+    pred = model.predict(x)
+    assert pred.anomaly_map.shape == pred.anomaly_map_mul.shape == (2, size, size)
+    assert pred.score.shape == pred.score_log_space.shape == (2,)
+    assert [tuple(m.shape) for m in pred.log_likelihood_maps] == [(2, g, g) for g in grids]
+    assert torch.isfinite(pred.anomaly_map).all() and (pred.anomaly_map >= 0).all()
+
+
+def test_predict_equals_the_reference_composition():
+    model = _model()
+    x = _images(3, 64)
+    pred = model.predict(x)  # whatever backend is picked automatically
+    with ops.use_backend("reference"):
+        latents, logdet = model(x)
+        feats = [F.avg_pool2d(f, 3, 2, 1) for f in model.extractor(x)]
+        maps = [ops.reference.log_likelihood_map(z) for z in latents]
+        add, mul, score = ops.reference.aggregate_anomaly_maps(maps, (64, 64), top_k=0.03)
+        log_score = ops.reference.log_space_score(maps, (64, 64), top_k=0.03)
+        loss = model.loss(x)
+    torch.testing.assert_close(pred.anomaly_map, add, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred.anomaly_map_mul, mul, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred.score, score, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred.score_log_space, log_score, rtol=1e-4, atol=1e-4)
+    expected_loss = (0.5 * sum(z.square().flatten(1).sum(1) for z in latents) - logdet).mean()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-3)
+    assert [f.shape for f in feats] == [z.shape for z in latents]
+
+    log_model = _model(score="log_space")
+    torch.testing.assert_close(log_model.predict(x).score, log_score, rtol=1e-4, atol=1e-4)
+
+
+def test_training_step_backbone_frozen_and_in_eval():
+    model = _model()
+    model.train()
+    assert not model.extractor.backbone.training
+    assert all(not p.requires_grad for p in model.extractor.parameters())
+    running = model.extractor.backbone.stem[1].running_mean.clone()
+    loss = model.loss(_images())
+    loss.backward()
+    assert torch.equal(running, model.extractor.backbone.stem[1].running_mean)
+    assert all(p.grad is None for p in model.extractor.parameters())
+    flow_params = [p for n, p in model.named_parameters() if not n.startswith("extractor.")]
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in flow_params)
+
+
+def test_flows_are_invertible_end_to_end():
+    model = _model().double()
+    feats = [f.double() for f in model.features(_images().double())]
+    latents, logdet = model.flows(feats)
+    outs, logdet_fusion_rev = model.fusion_flow(latents, rev=True)
+    conds = [model.positional(f.shape[0], f.shape[2], f.shape[3], f.device, f.dtype) for f in feats]
+    back, logdets_rev = model.parallel_flows(outs, conds, rev=True)
+    for b, f in zip(back, feats):
+        torch.testing.assert_close(b, f, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(sum(logdets_rev) + logdet_fusion_rev, -logdet, rtol=1e-9, atol=1e-9)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = _model()
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        model.predict([_images()])
+    with pytest.raises(TypeError, match="floating"):
+        model(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="4-D"):
+        model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="3 channels"):
+        model(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="divisible by the backbone's largest stride 16"):
+        model(torch.randn(1, 3, 64, 70))
+    bad = _images(1)
+    bad[0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model.predict(bad)
+    with pytest.raises(ValueError, match="empty"):
+        model(torch.randn(0, 3, 64, 64))
+    with pytest.raises(ValueError, match="parallel_blocks"):
+        MSFlow(backbone=TinyBackbone(), **{**SMALL, "parallel_blocks": (1, 1)})
+    with pytest.raises(TypeError, match="unknown MSFlowConfig"):
+        MSFlow(backbone=TinyBackbone(), blocks=3)
+    class ScalarBackbone(nn.Module):
+        def forward(self, x):
+            return x.mean()
+
+    with pytest.raises(TypeError, match="feature maps"):
+        MSFlow(backbone=ScalarBackbone(), **SMALL)
+
+
+def test_config_defaults_round_trip_and_validation():
+    cfg = MSFlowConfig()
+    assert cfg.input_size == (512, 512) and cfg.backbone == "wide_resnet50_2" and cfg.pool_type == "avg"
+    assert cfg.c_cond == 64 and cfg.parallel_blocks == (2, 5, 8) and cfg.clamp_alpha == 1.9
+    assert cfg.clamp_form == "tanh" and cfg.top_k == 0.03 and cfg.score == "official" and cfg.reflect_padding
+    custom = MSFlowConfig(input_size=256, parallel_blocks=[1, 2, 3], score="log_space")
+    assert custom.input_size == (256, 256) and custom.parallel_blocks == (1, 2, 3)
+    data = json.loads(json.dumps(custom.to_dict()))
+    assert MSFlowConfig.from_dict(data) == custom
+    assert custom.replace(top_k=0.1).top_k == 0.1
+    with pytest.raises(dataclasses_frozen()):
+        custom.top_k = 0.5
+    for bad in [dict(c_cond=6), dict(pool_type="mean"), dict(top_k=0), dict(clamp_alpha=-1.0), dict(score="max"),
+                dict(parallel_blocks=(0, 1)), dict(input_size=(0, 4)), dict(clamp_form="atan")]:
+        with pytest.raises(ValueError):
+            MSFlowConfig(**bad)
+    with pytest.raises(TypeError):
+        MSFlowConfig.from_dict({"nope": 1})
+    with pytest.raises(TypeError):
+        MSFlowConfig(parallel_blocks="258")
+
+
+def dataclasses_frozen():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_positional_encoding_formula_and_cache():
+    pe = positional_encoding_2d(8, 3, 5)
+    half = 4
+    for j in range(2):
+        w = math.exp(-(2 * j) * math.log(1e4) / half)
+        for y in range(3):
+            for x in range(5):
+                assert pe[2 * j, y, x].item() == pytest.approx(math.sin(x * w), abs=1e-6)
+                assert pe[2 * j + 1, y, x].item() == pytest.approx(math.cos(x * w), abs=1e-6)
+                assert pe[half + 2 * j, y, x].item() == pytest.approx(math.sin(y * w), abs=1e-6)
+                assert pe[half + 2 * j + 1, y, x].item() == pytest.approx(math.cos(y * w), abs=1e-6)
+    module = PositionalEncoding2d(8)
+    a = module(2, 3, 5, torch.device("cpu"), torch.float32)
+    b = module(4, 3, 5, torch.device("cpu"), torch.float32)
+    assert a.shape == (2, 8, 3, 5) and b.data_ptr() == a.data_ptr()
+    assert module(1, 3, 5, torch.device("cpu"), torch.float64).dtype == torch.float64
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PositionalEncoding2d(6)
+
+
+def test_extractor_from_timm_name_without_download():
+    extractor = FeatureExtractor("resnet18", out_indices=(1, 2, 3), pretrained=False, reflect_padding=True)
+    assert extractor.channels == [64, 128, 256] and extractor.strides == [4, 8, 16]
+    convs = [m for m in extractor.modules() if isinstance(m, nn.Conv2d)]
+    assert all(m.padding_mode == ("reflect" if any(m.padding) else "zeros") for m in convs)
+    with pytest.raises(TypeError):
+        FeatureExtractor(3)
+
+
+def test_official_parameter_counts():
+    flows = ParallelFlows((256,), (2,), 64, 1.9)
+    assert sum(p.numel() for p in flows.parameters() if p.requires_grad) == 1_550_976
+    fusion = FusionFlow((256, 512, 1024))
+    assert sum(p.numel() for p in fusion.parameters() if p.requires_grad) == 19_618_368
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _official_pe(channels, height, width):
+    """positionalencoding2d as specified in MSFLOW_SPEC §1.4, written out independently."""
+    d = channels // 2
+    div = torch.exp(torch.arange(0.0, d, 2) * -(math.log(10000.0) / d))
+    pe = torch.zeros(channels, height, width)
+    pos_w = torch.arange(0.0, width).unsqueeze(1)
+    pos_h = torch.arange(0.0, height).unsqueeze(1)
+    pe[0:d:2] = torch.sin(pos_w * div).T.unsqueeze(1).repeat(1, height, 1)
+    pe[1:d:2] = torch.cos(pos_w * div).T.unsqueeze(1).repeat(1, height, 1)
+    pe[d::2] = torch.sin(pos_h * div).T.unsqueeze(2).repeat(1, 1, width)
+    pe[d + 1 :: 2] = torch.cos(pos_h * div).T.unsqueeze(2).repeat(1, 1, width)
+    return pe
+
+
+def _official_structure(channels, blocks, c_cond, clamp=1.9):
+    """Flows built like the official code: FrEIA 0.2 SequenceINNs of AllInOneBlocks and a GraphINN fusion."""
+    parallel = []
+    for c, n in zip(channels, blocks):
+        inn = Ff.SequenceINN(c, 1, 1)
+        for _ in range(n):
+            inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(c_cond, 1, 1), subnet_constructor=subnet_conv_ln,
+                       affine_clamping=clamp, global_affine_type="SOFTPLUS")
+        parallel.append(inn)
+    nodes = [Ff.InputNode(c, 1, 1, name=f"input{i}") for i, c in enumerate(channels)]
+    perms = [Ff.Node(nodes[i], Fm.PermuteRandom, {}, name=f"permute_{i}") for i in range(len(channels))]
+    fusion = Ff.Node([(p, 0) for p in perms], FusionCouplingLayer, {"clamp": clamp}, name="fusion flow")
+    outs = [Ff.OutputNode(fusion.out0 if i == 0 else getattr(fusion, f"out{i}"), name=f"output_{i}")
+            for i in range(len(channels))]
+    graph = Ff.GraphINN(nodes + perms + [fusion] + outs)
+    with torch.no_grad():
+        for module in [*parallel, graph]:
+            for name, p in module.named_parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn_like(p))
+    return parallel, graph
+
+
+def _official_forward(backbone, parallel, graph, images, c_cond):
+    with torch.no_grad():
+        feats = [F.avg_pool2d(f, 3, 2, 1) for f in backbone(images)]
+        outs, logdets = [], []
+        for inn, f in zip(parallel, feats):
+            cond = _official_pe(c_cond, f.shape[2], f.shape[3]).unsqueeze(0).repeat(f.shape[0], 1, 1, 1)
+            z, ld = inn(f, [cond])
+            outs.append(z)
+            logdets.append(ld)
+        latents, ld_fusion = graph(outs)
+    return list(latents), sum(logdets) + ld_fusion
+
+
+def _scrambled_fusion_state(graph, channels):
+    """The GraphINN state dict with its PermuteRandom modules renumbered (as across processes)."""
+    state = graph.state_dict()
+    perm_ids = sorted({int(k.split(".")[1]) for k in state if k.endswith(".perm")})
+    assert len(perm_ids) == len(channels)
+    rotation = dict(zip(perm_ids, perm_ids[1:] + perm_ids[:1]))
+    out = {}
+    for key, value in state.items():
+        idx = int(key.split(".")[1])
+        if idx in rotation:
+            key = f"module_list.{rotation[idx]}." + key.split(".", 2)[2]
+        out[key] = value
+    return out
+
+
+def test_official_checkpoint_from_freia_modules_loads_and_matches(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    backbone = TinyBackbone().eval()
+    parallel, graph = _official_structure(CHANNELS, SMALL["parallel_blocks"], SMALL["c_cond"])
+    checkpoint = {
+        "epoch": 3,
+        "parallel_flows": [inn.state_dict() for inn in parallel],
+        "fusion_flow": _scrambled_fusion_state(graph, CHANNELS),
+    }
+    assert checkpoint["parallel_flows"][0]["module_list.0.w_perm"].shape == (8, 8, 1, 1)
+    path = tmp_path / "best_det.pt"
+    torch.save(checkpoint, path)
+
+    images = _images(2, 64)
+    expected, expected_logdet = _official_forward(backbone, parallel, graph, images, SMALL["c_cond"])
+    model = MSFlow(backbone=backbone, **SMALL)
+    load_official_checkpoint(model, path)
+    latents, logdet = model(images)
+    for z, e in zip(latents, expected):
+        torch.testing.assert_close(z, e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logdet, expected_logdet, rtol=1e-5, atol=1e-3)
+    for k, p in enumerate(graph.module_list):
+        if isinstance(p, Fm.PermuteRandom):
+            scale = CHANNELS.index(p.perm.numel())
+            assert torch.equal(model.fusion_flow.permutations[scale].perm, p.perm)
+
+    # the newer FrEIA index form of the permutations loads too
+    index_form = dict(checkpoint)
+    index_form["parallel_flows"] = [
+        {k: (v[:, :, 0, 0].argmax(1) if k.endswith(("w_perm", "w_perm_inv")) else v) for k, v in sd.items()}
+        for sd in checkpoint["parallel_flows"]
+    ]
+    model2 = load_official_checkpoint(MSFlow(backbone=backbone, **SMALL), index_form)
+    torch.testing.assert_close(model2(images).latents[2], expected[2], rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(ValueError, match="official MSFlow checkpoint"):
+        load_official_checkpoint(model, {"state_dict": {}})
+    wrong = MSFlow(backbone=backbone, **{**SMALL, "parallel_blocks": (1, 1, 2)})
+    with pytest.raises(ValueError, match="parallel flow 1"):
+        load_official_checkpoint(wrong, checkpoint)
+
+
+def test_own_checkpoint_round_trip(tmp_path):
+    model = _model()
+    path = tmp_path / "ckpt" / "model.pt"
+    save_checkpoint(model, path, epoch=7)
+    data = torch.load(path, weights_only=False)
+    assert data["epoch"] == 7 and data["format"] == "msflow_fast"
+    assert not any(k.startswith("extractor.") for k in data["state_dict"])
+    loaded = load_checkpoint(path, backbone=model.extractor.backbone)
+    assert loaded.config == model.config
+    x = _images()
+    for a, b in zip(model(x).latents, loaded(x).latents):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="official"):
+        load_checkpoint({"parallel_flows": [], "fusion_flow": {}})
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_top_level_exports():
+    assert msflow_fast.MSFlow is MSFlow and msflow_fast.MSFlowConfig is MSFlowConfig
