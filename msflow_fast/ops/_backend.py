@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
+import torch._dynamo
 
 from . import reference
 
@@ -138,25 +139,34 @@ def requested_backend(backend: str | None = None) -> str:
     return "auto"
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
-    """Pick the backend and implementation of ``op`` for tensors on ``device``.
-
-    Raises:
-        RuntimeError: an explicitly requested backend cannot run here; the message says how to fix it.
-    """
+@torch._dynamo.assume_constant_result
+def _resolve_name(op: str, device_type: str, backend: str | None) -> str:
+    # A constant for torch.compile / torch.export: the backend is chosen once, at trace time.
+    device = torch.device(device_type)
     name = requested_backend(backend)
     if name != "auto":
         why = _why_unavailable(name, op, device)
         if why is not None:
             raise RuntimeError(f"msflow_fast backend {name!r} is unavailable for {op} on {device.type}: {why}")
-        return name, _find_impl(name, op)
-    order = ("triton", "cpp", "reference") if device.type == "cuda" else ("cpp", "reference")
+        return name
+    order = ("triton", "cpp") if device.type == "cuda" else ("cpp",)
     for candidate in order:
-        if candidate == "triton" and device.type != "cuda":
-            continue
         if _why_unavailable(candidate, op, device) is None:
-            return candidate, _find_impl(candidate, op)
-    return "reference", getattr(reference, op)
+            return candidate
+    return "reference"
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+    """Pick the backend and implementation of ``op`` for tensors on ``device``.
+
+    Under ``torch.compile``/``torch.export`` the choice is made once, when the graph is traced
+    (changing the backend later does not retrace a compiled function).
+
+    Raises:
+        RuntimeError: an explicitly requested backend cannot run here; the message says how to fix it.
+    """
+    name = _resolve_name(op, device.type, backend)
+    return name, _find_impl(name, op)
 
 
 def available_backends(device: str | torch.device = "cpu", op: str | None = None) -> list[str]:

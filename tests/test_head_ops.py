@@ -1,0 +1,309 @@
+"""Likelihood and anomaly-map ops: every fused backend against ops.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msflow_fast import ops
+from msflow_fast.ops import reference
+
+from conftest import DEVICE, fused_backends
+from helpers import assert_close_to_reference
+
+HEAD_OPS = ("gaussian_nll", "log_likelihood_map", "aggregate_anomaly_maps", "log_space_score")
+
+
+def _backends(op: str) -> list[str]:
+    return fused_backends(DEVICE, op)
+
+
+def _all_backends() -> list[str]:
+    return sorted({b for op in HEAD_OPS for b in _backends(op)})
+
+
+def _random_maps(batch: int, sizes, dtype=torch.float64, spread: float = 4.0) -> list[torch.Tensor]:
+    return [-(spread * torch.rand(batch, h, w, dtype=dtype, device=DEVICE)) - 0.1 for h, w in sizes]
+
+
+def test_every_head_op_has_a_fused_backend_here():
+    for op in HEAD_OPS:
+        assert "cpp" in _backends(op) or "triton" in _backends(op), f"{op}: no fused backend on {DEVICE}"
+
+
+# --------------------------------------------------------------------------------------------- NLL
+
+
+@pytest.mark.parametrize("backend", _backends("gaussian_nll"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (3, 7, 7, 9), (3, 64, 13, 17), (2, 5)], ids=str)
+def test_gaussian_nll_matches_reference(backend, dtype, shape):
+    z = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    logdet = 10 * torch.randn(shape[0], dtype=torch.float64, device=DEVICE)
+    zt, lt = z.to(dtype).requires_grad_(), logdet.to(dtype).requires_grad_()
+    nll = ops.gaussian_nll(zt, lt, backend=backend)
+    eager = reference.gaussian_nll(z.to(dtype), logdet.to(dtype))
+    assert nll.dtype == eager.dtype and nll.shape == (shape[0],)
+    assert_close_to_reference("nll", nll.detach(), eager, reference.gaussian_nll(z, logdet))
+    g = torch.randn(shape[0], dtype=dtype, device=DEVICE)
+    gz, gl = torch.autograd.grad(nll, (zt, lt), g)
+    torch.testing.assert_close(gz, g.view(-1, *[1] * (z.dim() - 1)) * z.to(dtype))
+    torch.testing.assert_close(gl, -g)
+
+
+@pytest.mark.parametrize("backend", _backends("gaussian_nll"))
+def test_gaussian_nll_non_contiguous_and_channels_last(backend):
+    z = torch.randn(3, 7, 9, 5, dtype=torch.float64, device=DEVICE)
+    logdet = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    for zz in (z.transpose(1, 3), z.to(memory_format=torch.channels_last)):
+        torch.testing.assert_close(ops.gaussian_nll(zz, logdet, backend=backend), reference.gaussian_nll(zz, logdet))
+
+
+@pytest.mark.parametrize("backend", _backends("gaussian_nll"))
+def test_gaussian_nll_half_accumulates_in_float32(backend):
+    z = torch.randn(2, 3, 5, 5, device=DEVICE)
+    logdet = torch.randn(2, device=DEVICE)
+    out = ops.gaussian_nll(z.half(), logdet.half(), backend=backend)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.gaussian_nll(z.half(), logdet.half()), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", _backends("gaussian_nll"))
+def test_gaussian_nll_gradcheck(backend):
+    z = torch.randn(2, 3, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    logdet = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.gaussian_nll(a, b, backend=backend), (z, logdet))
+
+
+# ------------------------------------------------------------------------------- log-likelihood map
+
+
+@pytest.mark.parametrize("backend", _backends("log_likelihood_map"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 1, 1), (3, 3, 7, 9), (1, 64, 13, 17), (3, 7, 13, 17)], ids=str)
+def test_log_likelihood_map_matches_reference(backend, dtype, shape):
+    z = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    zt = z.to(dtype).requires_grad_()
+    out = ops.log_likelihood_map(zt, backend=backend)
+    eager = reference.log_likelihood_map(z.to(dtype))
+    assert out.dtype == eager.dtype
+    assert_close_to_reference("logp map", out.detach(), eager, reference.log_likelihood_map(z))
+    g = torch.randn(out.shape, dtype=dtype, device=DEVICE)
+    (gz,) = torch.autograd.grad(out, zt, g)
+    zr = z.to(dtype).requires_grad_()
+    (gr,) = torch.autograd.grad(reference.log_likelihood_map(zr), zr, g)
+    torch.testing.assert_close(gz, gr)
+
+
+@pytest.mark.parametrize("backend", _backends("log_likelihood_map"))
+def test_log_likelihood_map_non_contiguous_and_gradcheck(backend):
+    z = torch.randn(2, 9, 7, 3, dtype=torch.float64, device=DEVICE).permute(0, 3, 2, 1)
+    torch.testing.assert_close(ops.log_likelihood_map(z, backend=backend), reference.log_likelihood_map(z))
+    zc = torch.randn(2, 3, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: ops.log_likelihood_map(a, backend=backend), (zc,))
+
+
+# ------------------------------------------------------------------------------------ aggregation
+
+SCALE_SETS = {
+    "one_7x9": [(7, 9)],
+    "two_7x9_13x17": [(13, 17), (7, 9)],
+    "three": [(16, 16), (8, 8), (4, 4)],
+    "four_1x1": [(13, 17), (7, 9), (3, 5), (1, 1)],
+}
+
+
+@pytest.mark.parametrize("backend", _backends("aggregate_anomaly_maps"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("scales", list(SCALE_SETS), ids=str)
+@pytest.mark.parametrize("output_size,top_k", [((29, 31), 0.03), ((16, 16), 1.0), ((1, 1), 0.5), ((5, 40), 0.001)])
+def test_aggregate_anomaly_maps_matches_reference(backend, dtype, batch, scales, output_size, top_k):
+    maps = _random_maps(batch, SCALE_SETS[scales])
+    out = ops.aggregate_anomaly_maps([m.to(dtype) for m in maps], output_size, top_k=top_k, backend=backend)
+    eager = reference.aggregate_anomaly_maps([m.to(dtype) for m in maps], output_size, top_k=top_k)
+    exact = reference.aggregate_anomaly_maps(maps, output_size, top_k=top_k)
+    for name, a, e, x in zip(("map_add", "map_mul", "score"), out, eager, exact):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        assert_close_to_reference(name, a, e, x)
+    score = ops.log_space_score([m.to(dtype) for m in maps], output_size, top_k=top_k, backend=backend)
+    assert score.dtype == dtype
+    assert_close_to_reference(
+        "log_space_score",
+        score,
+        reference.log_space_score([m.to(dtype) for m in maps], output_size, top_k=top_k),
+        reference.log_space_score(maps, output_size, top_k=top_k),
+    )
+
+
+@pytest.mark.parametrize("backend", _all_backends())
+@pytest.mark.parametrize("top_k", [1e-9, 0.03, 0.5, 1.0], ids=str)
+def test_top_k_with_ties(backend, top_k):
+    # Constant regions and repeated values: many equal pixels straddle the k-th value.
+    coarse = torch.randint(0, 3, (3, 4, 5), device=DEVICE).double() * -2.0
+    coarse[1] = -1.0  # a constant image: every pixel ties
+    fine = torch.randint(0, 2, (3, 7, 9), device=DEVICE).double() * -1.0
+    maps = [coarse, fine]
+    for size in ((13, 16), (4, 5)):
+        _, map_mul, score = ops.aggregate_anomaly_maps(maps, size, top_k=top_k, backend=backend)
+        _, ref_mul, ref_score = reference.aggregate_anomaly_maps(maps, size, top_k=top_k)
+        torch.testing.assert_close(map_mul, ref_mul)
+        torch.testing.assert_close(score, ref_score)
+        torch.testing.assert_close(
+            ops.log_space_score(maps, size, top_k=top_k, backend=backend),
+            reference.log_space_score(maps, size, top_k=top_k),
+        )
+        k = reference.top_k_count(size[0] * size[1], top_k)
+        manual = torch.sort(ref_mul.flatten(1), dim=1, descending=True).values[:, :k].mean(dim=1)
+        torch.testing.assert_close(score, manual)
+
+
+@pytest.mark.parametrize("backend", _all_backends())
+def test_aggregate_large_log_likelihood_gaps(backend):
+    # Gaps of hundreds of nats: the official map saturates at 1, the log-space score does not.
+    maps = [-300.0 * torch.rand(2, 7, 9, dtype=torch.float64, device=DEVICE), torch.zeros(2, 4, 4, dtype=torch.float64)]
+    maps[1] = maps[1].to(DEVICE) - 1.0
+    for a, r in zip(
+        ops.aggregate_anomaly_maps(maps, (11, 12), top_k=0.1, backend=backend),
+        reference.aggregate_anomaly_maps(maps, (11, 12), top_k=0.1),
+    ):
+        torch.testing.assert_close(a, r)
+    torch.testing.assert_close(
+        ops.log_space_score(maps, (11, 12), top_k=0.1, backend=backend),
+        reference.log_space_score(maps, (11, 12), top_k=0.1),
+    )
+
+
+@pytest.mark.parametrize("backend", _all_backends())
+def test_aggregate_more_scales_than_one_kernel_call(backend):
+    maps = _random_maps(2, [(3, 4), (5, 6), (7, 9), (2, 2), (4, 3)])
+    for a, r in zip(
+        ops.aggregate_anomaly_maps(maps, (9, 11), top_k=0.2, backend=backend),
+        reference.aggregate_anomaly_maps(maps, (9, 11), top_k=0.2),
+    ):
+        torch.testing.assert_close(a, r)
+    torch.testing.assert_close(
+        ops.log_space_score(maps, (9, 11), top_k=0.2, backend=backend), reference.log_space_score(maps, (9, 11), top_k=0.2)
+    )
+
+
+@pytest.mark.parametrize("backend", _all_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_aggregate_half_inputs(backend, dtype):
+    maps = _random_maps(2, [(7, 9), (4, 5)], spread=2.0)
+    out = ops.aggregate_anomaly_maps([m.to(dtype) for m in maps], (13, 11), top_k=0.1, backend=backend)
+    exact = reference.aggregate_anomaly_maps([m.to(dtype).double() for m in maps], (13, 11), top_k=0.1)
+    for a, x in zip(out, exact):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), x, rtol=0, atol=2e-2)
+    score = ops.log_space_score([m.to(dtype) for m in maps], (13, 11), top_k=0.1, backend=backend)
+    exact_score = reference.log_space_score([m.to(dtype).double() for m in maps], (13, 11), top_k=0.1)
+    assert score.dtype == dtype
+    torch.testing.assert_close(score.double(), exact_score, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", _all_backends())
+def test_aggregate_non_contiguous_maps(backend):
+    maps = [m.transpose(1, 2) for m in _random_maps(2, [(9, 7), (17, 13)])]
+    for a, r in zip(
+        ops.aggregate_anomaly_maps(maps, (29, 31), backend=backend), reference.aggregate_anomaly_maps(maps, (29, 31))
+    ):
+        torch.testing.assert_close(a, r)
+
+
+# ----------------------------------------------------------------------------------- C++ op checks
+
+
+def _cpp_available() -> bool:
+    return "cpp" in _backends("aggregate_anomaly_maps")
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="msflow_fast._C is not built")
+def test_opcheck_cpp_head_ops():
+    import msflow_fast.ops._cpp_head  # noqa: F401  (registers fake kernels and autograd)
+
+    o = torch.ops.msflow_fast
+    z = torch.randn(2, 3, 5, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    logdet = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    maps = _random_maps(2, [(7, 9), (4, 5)])
+    torch.library.opcheck(o.gaussian_nll_fwd, (z, logdet))
+    torch.library.opcheck(o.gaussian_nll_bwd, (torch.randn(2, dtype=torch.float64, device=DEVICE), z.detach()))
+    torch.library.opcheck(o.log_likelihood_map_fwd, (z,))
+    torch.library.opcheck(
+        o.log_likelihood_map_bwd, (torch.randn(2, 5, 7, dtype=torch.float64, device=DEVICE), z.detach())
+    )
+    torch.library.opcheck(o.aggregate_anomaly_maps_fwd, (maps, [11, 13], 0.1))
+    torch.library.opcheck(o.log_space_score_fwd, (maps, [11, 13], 0.1))
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="msflow_fast._C is not built")
+def test_cpp_ops_recheck_their_inputs():
+    o = torch.ops.msflow_fast
+    maps = _random_maps(2, [(7, 9)])
+    with pytest.raises(RuntimeError, match="top_k"):
+        o.aggregate_anomaly_maps_fwd(maps, [5, 5], 0.0)
+    with pytest.raises(RuntimeError, match="batch"):
+        o.log_space_score_fwd([maps[0], maps[0][:1]], [5, 5], 0.5)
+    with pytest.raises(RuntimeError, match="empty"):
+        o.aggregate_anomaly_maps_fwd([], [5, 5], 0.5)
+    with pytest.raises(RuntimeError, match="logdet"):
+        o.gaussian_nll_fwd(torch.randn(2, 3), torch.randn(3))
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="msflow_fast._C is not built")
+def test_cpp_head_ops_under_torch_compile():
+    import msflow_fast.ops._cpp_head as cpp_head
+
+    maps = _random_maps(2, [(7, 9), (4, 5)])
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def head(a, b):
+        return cpp_head.aggregate_anomaly_maps([a, b], (11, 13), top_k=0.1), cpp_head.log_space_score([a, b], (11, 13))
+
+    (map_add, map_mul, score), log_score = head(*maps)
+    for x, r in zip((map_add, map_mul, score), reference.aggregate_anomaly_maps(maps, (11, 13), top_k=0.1)):
+        torch.testing.assert_close(x, r)
+    torch.testing.assert_close(log_score, reference.log_space_score(maps, (11, 13)))
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+
+BAD_AGGREGATE_INPUTS = [
+    ("mismatched batch", lambda m: ([m[0], m[1][:1]], (5, 5), 0.1), ValueError, "batch"),
+    ("top_k zero", lambda m: (m, (5, 5), 0.0), ValueError, "top_k"),
+    ("top_k above one", lambda m: (m, (5, 5), 1.5), ValueError, "top_k"),
+    ("top_k not a number", lambda m: (m, (5, 5), "0.1"), TypeError, "top_k"),
+    ("empty list", lambda m: ([], (5, 5), 0.1), ValueError, "empty"),
+    ("empty map", lambda m: ([m[0][:, :0]], (5, 5), 0.1), ValueError, "empty"),
+    ("tensor not list", lambda m: (m[0], (5, 5), 0.1), TypeError, "list"),
+    ("2-D map", lambda m: ([m[0][0]], (5, 5), 0.1), ValueError, "3-D"),
+    ("mixed dtypes", lambda m: ([m[0], m[1].float()], (5, 5), 0.1), TypeError, "dtype"),
+    ("integer map", lambda m: ([m[0].long()], (5, 5), 0.1), TypeError, "floating"),
+    ("bad output_size", lambda m: (m, (5,), 0.1), TypeError, "output_size"),
+    ("zero output_size", lambda m: (m, (0, 5), 0.1), ValueError, "output_size"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", *_all_backends()])
+@pytest.mark.parametrize("op", ["aggregate_anomaly_maps", "log_space_score"])
+@pytest.mark.parametrize("case", BAD_AGGREGATE_INPUTS, ids=lambda c: c[0])
+def test_aggregate_bad_inputs_raise(backend, op, case):
+    _, make, exc, match = case
+    maps, size, top_k = make(_random_maps(2, [(7, 9), (4, 5)]))
+    with pytest.raises(exc, match=match):
+        getattr(ops, op)(maps, size, top_k=top_k, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_all_backends()])
+def test_nll_and_map_bad_inputs_raise(backend):
+    z = torch.randn(2, 3, 4, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="logdet"):
+        ops.gaussian_nll(z, torch.randn(3, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="logdet"):
+        ops.gaussian_nll(z, torch.randn(2, 1, device=DEVICE), backend=backend)
+    with pytest.raises(TypeError, match="z"):
+        ops.gaussian_nll(z.long(), torch.randn(2, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="z"):
+        ops.log_likelihood_map(z[0], backend=backend)
+    with pytest.raises(TypeError, match="z"):
+        ops.log_likelihood_map([z], backend=backend)
