@@ -252,13 +252,14 @@ def test_cpp_ops_recheck_their_inputs():
 
 @pytest.mark.skipif(not _cpp_available(), reason="msflow_fast._C is not built")
 def test_cpp_head_ops_under_torch_compile():
-    import msflow_fast.ops._cpp_head as cpp_head
-
     maps = _random_maps(2, [(7, 9), (4, 5)])
 
     @torch.compile(fullgraph=True, backend="eager")
     def head(a, b):
-        return cpp_head.aggregate_anomaly_maps([a, b], (11, 13), top_k=0.1), cpp_head.log_space_score([a, b], (11, 13))
+        return (
+            ops.aggregate_anomaly_maps([a, b], (11, 13), top_k=0.1, backend="cpp"),
+            ops.log_space_score([a, b], (11, 13), backend="cpp"),
+        )
 
     (map_add, map_mul, score), log_score = head(*maps)
     for x, r in zip((map_add, map_mul, score), reference.aggregate_anomaly_maps(maps, (11, 13), top_k=0.1)):

@@ -371,9 +371,9 @@ def test_patch_freia_swaps_and_restores():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph_block_forward(monkeypatch):
-    # Backend dispatch is resolved from the environment so the whole block traces as one graph.
-    monkeypatch.setenv("MSFLOW_FAST_BACKEND", "reference")
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_torch_compile_fullgraph_block_forward(backend):
+    # The backend is resolved once at trace time, so the whole block traces as one graph.
     torch._dynamo.reset()
     block = AllInOneBlock([(6, 1, 1)], dims_c=[(4, 1, 1)], subnet_constructor=subnet_conv_ln, affine_clamping=1.9)
     x, c = _inputs(2, 6, 4, (5, 5), torch.float32)
@@ -382,9 +382,10 @@ def test_torch_compile_fullgraph_block_forward(monkeypatch):
         (y,), logdet = block([t], [cond])
         return y, logdet
 
-    compiled = torch.compile(run, fullgraph=True)
-    y_c, ld_c = compiled(x, c[0])
-    y_e, ld_e = run(x, c[0])
+    with ops.use_backend(backend):
+        compiled = torch.compile(run, fullgraph=True)
+        y_c, ld_c = compiled(x, c[0])
+        y_e, ld_e = run(x, c[0])
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ld_c, ld_e, rtol=1e-5, atol=1e-4)
 
