@@ -1,0 +1,398 @@
+"""C++ extension tests of the flow-block ops: registration (opcheck), torch.compile, the C++-level
+argument checks, and results and gradients against ops.reference on odd shapes (CPU here; the
+same tests run on CUDA where a GPU is present)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import msflow_fast.ops as ops
+from msflow_fast.ops import reference as ref
+
+from conftest import DEVICE
+from helpers import assert_close_to_reference
+
+cpp = pytest.importorskip("msflow_fast.ops._cpp_coupling", reason="msflow_fast._C is not built")
+msops = torch.ops.msflow_fast
+
+CLAMP = 1.9
+SHAPES = [
+    (b, c, h, w)
+    for b, c, (h, w) in itertools.product((1, 3), (2, 3, 7, 64), ((1, 1), (7, 9), (13, 17)))
+]
+SHAPE_IDS = [f"B{b}-C{c}-{h}x{w}" for b, c, h, w in SHAPES]
+DTYPES = [torch.float32, torch.float64]
+
+
+def _gamma(channels: int, affine_type: str, dtype=torch.float64, device=DEVICE) -> torch.Tensor:
+    """Raw global scale around the FrEIA init, [1, C, 1, 1]."""
+    base = ref.global_scale_init(1.0, affine_type)
+    spread = {"SOFTPLUS": 2.0, "SIGMOID": 1.0, "EXP": 0.3}[affine_type]
+    return (base + spread * torch.randn(1, channels, 1, 1, dtype=torch.float64)).to(device, dtype)
+
+
+def _block_inputs(shape, active: int, dtype, affine_type="SOFTPLUS", device=DEVICE):
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, dtype=torch.float64)
+    a = 4.0 * torch.randn(b, 2 * active, h, w, dtype=torch.float64)
+    gamma = _gamma(c, affine_type)
+    offset = 0.5 * torch.randn(1, c, 1, 1, dtype=torch.float64)
+    perm = torch.randperm(c)
+    return [t.to(device, dtype) for t in (x, a, gamma, offset)] + [perm.to(device)]
+
+
+def _grads_of(fn, inputs, cotangents):
+    """Outputs of fn(*inputs) and the gradients of <outputs, cotangents> wrt inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    loss = sum((o * g).sum() for o, g in zip(outs, cotangents))
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves))
+
+
+def _compare(name, fn_cpp, fn_ref, inputs, dtype, *, out_names=("y", "logdet"), in_names=()):
+    """Forward values and every input gradient of fn_cpp vs fn_ref (float64 and eager same-dtype)."""
+    exact_inputs = [t.double() for t in inputs]
+    exact_outs = fn_ref(*exact_inputs)
+    cotangents = [torch.randn_like(o) for o in exact_outs]
+    outs, grads = _grads_of(fn_cpp, [t.to(dtype) for t in inputs], [g.to(dtype) for g in cotangents])
+    eager_outs, eager_grads = _grads_of(fn_ref, [t.to(dtype) for t in inputs], [g.to(dtype) for g in cotangents])
+    exact_outs, exact_grads = _grads_of(fn_ref, exact_inputs, cotangents)
+    for label, actual, eager, exact in zip(out_names, outs, eager_outs, exact_outs):
+        assert actual.dtype == dtype
+        assert_close_to_reference(f"{name} {label}", actual, eager, exact)
+    for label, actual, eager, exact in zip(in_names, grads, eager_grads, exact_grads):
+        assert actual.shape == exact.shape
+        assert_close_to_reference(f"{name} grad {label}", actual, eager, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# results and gradients vs the reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("clamp_form", ref.CLAMP_FORMS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_affine_coupling_matches_reference(shape, clamp_form, reverse, dtype):
+    x, a, *_ = _block_inputs(shape, shape[1], torch.float64)
+    kwargs = dict(clamp=CLAMP, clamp_form=clamp_form, reverse=reverse)
+    _compare(
+        "affine_coupling",
+        lambda x, a: cpp.affine_coupling(x, a, **kwargs),
+        lambda x, a: ref.affine_coupling(x, a, **kwargs),
+        [x, a],
+        dtype,
+        in_names=("x", "a"),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("affine_type", ref.AFFINE_TYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_global_affine_permute_matches_reference(shape, affine_type, reverse, dtype):
+    x, _, gamma, offset, perm = _block_inputs(shape, 1, torch.float64, affine_type)
+    kwargs = dict(affine_type=affine_type, reverse=reverse)
+    _compare(
+        "global_affine_permute",
+        lambda x, g, o: cpp.global_affine_permute(x, g, o, perm, **kwargs),
+        lambda x, g, o: ref.global_affine_permute(x, g, o, perm, **kwargs),
+        [x, gamma, offset],
+        dtype,
+        in_names=("x", "global_scale", "global_offset"),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("clamp_form", "affine_type"), [(f, t) for f in ref.CLAMP_FORMS for t in ref.AFFINE_TYPES]
+)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_coupling_affine_permute_matches_reference(shape, clamp_form, affine_type, dtype):
+    x, a, gamma, offset, perm = _block_inputs(shape, shape[1] // 2, torch.float64, affine_type)
+    kwargs = dict(clamp=CLAMP, clamp_form=clamp_form, affine_type=affine_type)
+    _compare(
+        "coupling_affine_permute",
+        lambda x, a, g, o: cpp.coupling_affine_permute(x, a, g, o, perm, **kwargs),
+        lambda x, a, g, o: ref.coupling_affine_permute(x, a, g, o, perm, **kwargs),
+        [x, a, gamma, offset],
+        dtype,
+        in_names=("x", "a", "global_scale", "global_offset"),
+    )
+
+
+def test_softplus_linear_branch_matches_reference():
+    """gamma / 2 > 20: F.softplus returns its input; the kernels mirror that threshold."""
+    shape = (2, 5, 3, 4)
+    x, a, _, offset, perm = _block_inputs(shape, 2, torch.float64)
+    gamma = torch.tensor([-3.0, 0.0, 39.0, 41.0, 60.0], dtype=torch.float64).view(1, 5, 1, 1)
+    _compare(
+        "coupling_affine_permute",
+        lambda x, a, g, o: cpp.coupling_affine_permute(x, a, g, o, perm, clamp=CLAMP),
+        lambda x, a, g, o: ref.coupling_affine_permute(x, a, g, o, perm, clamp=CLAMP),
+        [x, a, gamma, offset],
+        torch.float64,
+        in_names=("x", "a", "global_scale", "global_offset"),
+    )
+
+
+@pytest.mark.parametrize("layout", ["non_contiguous", "channels_last"])
+def test_strided_inputs_through_public_ops(layout):
+    b, c, h, w = 3, 7, 7, 9
+    active = c // 2
+
+    def make(channels):
+        if layout == "channels_last":
+            return torch.randn(b, channels, h, w, device=DEVICE).to(memory_format=torch.channels_last)
+        return torch.randn(b, channels, h, w + 4, device=DEVICE)[..., 2 : 2 + w]
+
+    x, a_full, a_half = make(c), make(2 * c), make(2 * active)
+    gamma, offset = _gamma(c, "SOFTPLUS", torch.float32), 0.5 * torch.randn(1, c, 1, 1, device=DEVICE)
+    perm = torch.randperm(c, device=DEVICE)
+    assert not x.is_contiguous()
+    pairs = [
+        (
+            ops.affine_coupling(x, a_full, clamp=CLAMP, reverse=True, backend="cpp"),
+            ref.affine_coupling(x, a_full, clamp=CLAMP, reverse=True),
+        ),
+        (
+            ops.global_affine_permute(x, gamma, offset, perm, backend="cpp"),
+            ref.global_affine_permute(x, gamma, offset, perm),
+        ),
+        (
+            ops.coupling_affine_permute(x, a_half, gamma, offset, perm, clamp=CLAMP, backend="cpp"),
+            ref.coupling_affine_permute(x, a_half, gamma, offset, perm, clamp=CLAMP),
+        ),
+    ]
+    for (y, logdet), (y_ref, logdet_ref) in pairs:
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logdet, logdet_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_dtypes_compute_in_float32(dtype):
+    shape = (3, 7, 7, 9)
+    x, a, gamma, offset, perm = _block_inputs(shape, 3, torch.float64)
+    kwargs = dict(clamp=CLAMP, clamp_form="tanh", affine_type="SOFTPLUS")
+    _compare(
+        "coupling_affine_permute",
+        lambda x, a, g, o: cpp.coupling_affine_permute(x, a, g, o, perm, **kwargs),
+        lambda x, a, g, o: ref.coupling_affine_permute(x, a, g, o, perm, **kwargs),
+        [x, a, gamma, offset],
+        dtype,
+        in_names=("x", "a", "global_scale", "global_offset"),
+    )
+
+
+def test_round_trips_are_exact_inverses():
+    x, a, gamma, offset, perm = _block_inputs((3, 7, 13, 17), 7, torch.float64)
+    y, logdet = cpp.affine_coupling(x, a, clamp=CLAMP)
+    x_back, logdet_back = cpp.affine_coupling(y, a, clamp=CLAMP, reverse=True)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet + logdet_back, torch.zeros_like(logdet), rtol=0, atol=1e-10)
+    y, logdet = cpp.global_affine_permute(x, gamma, offset, perm)
+    x_back, logdet_back = cpp.global_affine_permute(y, gamma, offset, perm, reverse=True)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet + logdet_back, torch.zeros_like(logdet), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck (float64)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("clamp_form", ref.CLAMP_FORMS)
+def test_affine_coupling_gradcheck(clamp_form, reverse):
+    x, a, *_ = _block_inputs((2, 3, 3, 4), 3, torch.float64)
+
+    def fn(x, a):
+        return cpp.affine_coupling(x, a, clamp=CLAMP, clamp_form=clamp_form, reverse=reverse)
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), a.requires_grad_()))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("affine_type", ref.AFFINE_TYPES)
+def test_global_affine_permute_gradcheck(affine_type, reverse):
+    x, _, gamma, offset, perm = _block_inputs((2, 5, 3, 4), 1, torch.float64, affine_type)
+
+    def fn(x, g, o):
+        return cpp.global_affine_permute(x, g, o, perm, affine_type=affine_type, reverse=reverse)
+
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(), gamma.requires_grad_(), offset.requires_grad_()))
+
+
+@pytest.mark.parametrize("clamp_form", ref.CLAMP_FORMS)
+@pytest.mark.parametrize("affine_type", ref.AFFINE_TYPES)
+def test_coupling_affine_permute_gradcheck(clamp_form, affine_type):
+    x, a, gamma, offset, perm = _block_inputs((2, 5, 3, 4), 2, torch.float64, affine_type)
+
+    def fn(x, a, g, o):
+        return cpp.coupling_affine_permute(
+            x, a, g, o, perm, clamp=CLAMP, clamp_form=clamp_form, affine_type=affine_type
+        )
+
+    inputs = tuple(t.requires_grad_() for t in (x, a, gamma, offset))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library.opcheck on every op
+
+
+def _op_cases(dtype):
+    b, c, h, w = 2, 5, 3, 4
+    active = c // 2
+    x, a, gamma, offset, perm = _block_inputs((b, c, h, w), active, dtype)
+    a_full = 4.0 * torch.randn(b, 2 * c, h, w, dtype=dtype, device=DEVICE)
+    gamma, offset = gamma.reshape(c), offset.reshape(c)
+    gy, gl = torch.randn_like(x), torch.randn(b, dtype=dtype, device=DEVICE)
+
+    def rg(t):
+        return t.clone().requires_grad_(True)
+
+    cases = []
+    for form in ref.CLAMP_FORMS:
+        cases += [
+            (f"affine_coupling_fwd-{form}", msops.affine_coupling_fwd, (rg(x), rg(a_full), CLAMP, form)),
+            (f"affine_coupling_inv-{form}", msops.affine_coupling_inv, (rg(x), rg(a_full), CLAMP, form)),
+            (f"affine_coupling_bwd-{form}", msops.affine_coupling_bwd, (gy, gl, x, a_full, CLAMP, form, True)),
+        ]
+    for kind in ref.AFFINE_TYPES:
+        cases += [
+            (
+                f"global_affine_permute_fwd-{kind}",
+                msops.global_affine_permute_fwd,
+                (rg(x), rg(gamma), rg(offset), perm, kind),
+            ),
+            (
+                f"global_affine_permute_inv-{kind}",
+                msops.global_affine_permute_inv,
+                (rg(x), rg(gamma), rg(offset), perm, kind),
+            ),
+            (
+                f"global_affine_permute_bwd-{kind}",
+                msops.global_affine_permute_bwd,
+                (gy, gl, x, gamma, offset, perm, kind, False),
+            ),
+        ]
+    cases += [
+        (
+            "coupling_affine_permute_fwd",
+            msops.coupling_affine_permute_fwd,
+            (rg(x), rg(a), rg(gamma), rg(offset), perm, CLAMP, "atan", "SIGMOID"),
+        ),
+        (
+            "coupling_affine_permute_bwd",
+            msops.coupling_affine_permute_bwd,
+            (gy, gl, x, a, gamma, perm, CLAMP, "tanh_scaled", "EXP"),
+        ),
+    ]
+    return cases
+
+
+_OPCHECK_NAMES = [name for name, _, _ in _op_cases(torch.float64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", _OPCHECK_NAMES)
+def test_opcheck(case, dtype):
+    name, op, args = next(c for c in _op_cases(dtype) if c[0] == case)
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_torch_compile_fullgraph_block_tail():
+    b, c, h, w = 2, 6, 5, 7
+    x, a, gamma, offset, perm = _block_inputs((b, c, h, w), c // 2, torch.float32)
+
+    def step(x, a, gamma, offset):
+        y, logdet = ops.coupling_affine_permute(x, a, gamma, offset, perm, clamp=CLAMP, backend="cpp")
+        z, logdet_back = ops.affine_coupling(y[:, : c // 2], a, clamp=CLAMP, reverse=True, backend="cpp")
+        return (0.5 * z.square().sum((1, 2, 3)) - logdet - logdet_back).mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    leaves = [t.clone().requires_grad_(True) for t in (x, a, gamma, offset)]
+    loss = compiled(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager_leaves = [t.clone().requires_grad_(True) for t in (x, a, gamma, offset)]
+    eager_loss = step(*eager_leaves)
+    eager_grads = torch.autograd.grad(eager_loss, eager_leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# C++-level argument checks (torch.ops called directly)
+
+
+def _bad_calls():
+    b, c, h, w = 2, 4, 3, 3
+    x = torch.randn(b, c, h, w, device=DEVICE)
+    a = torch.randn(b, 2 * c, h, w, device=DEVICE)
+    a_half = torch.randn(b, c, h, w, device=DEVICE)
+    g, o = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
+    perm = torch.randperm(c, device=DEVICE)
+    gy, gl = torch.randn_like(x), torch.randn(b, device=DEVICE)
+    return [
+        ("x must be 4-D", msops.affine_coupling_fwd, (x[0], a, CLAMP, "tanh")),
+        ("x must be contiguous", msops.affine_coupling_fwd, (x.transpose(2, 3), a, CLAMP, "tanh")),
+        ("x must be floating", msops.affine_coupling_fwd, (x.long(), a, CLAMP, "tanh")),
+        ("a must have shape", msops.affine_coupling_fwd, (x, a_half, CLAMP, "tanh")),
+        ("a has dtype", msops.affine_coupling_inv, (x, a.double(), CLAMP, "tanh")),
+        ("a must be contiguous", msops.affine_coupling_inv, (x, a.transpose(2, 3), CLAMP, "tanh")),
+        ("clamp must be", msops.affine_coupling_fwd, (x, a, -1.0, "tanh")),
+        ("clamp_form must be one of", msops.affine_coupling_fwd, (x, a, CLAMP, "sigmoid")),
+        ("grad_y must have the shape", msops.affine_coupling_bwd, (gy[:1], gl, x, a, CLAMP, "tanh", False)),
+        ("grad_logdet must have shape", msops.affine_coupling_bwd, (gy, gl[:1], x, a, CLAMP, "tanh", False)),
+        ("global_scale must have shape", msops.global_affine_permute_fwd, (x, g[:2], o, perm, "SOFTPLUS")),
+        ("global_offset has dtype", msops.global_affine_permute_fwd, (x, g, o.double(), perm, "SOFTPLUS")),
+        ("perm must have dtype int64", msops.global_affine_permute_inv, (x, g, o, perm.int(), "SOFTPLUS")),
+        ("perm must have shape", msops.global_affine_permute_inv, (x, g, o, perm[:2], "SOFTPLUS")),
+        ("affine_type must be one of", msops.global_affine_permute_fwd, (x, g, o, perm, "softplus")),
+        (
+            "grad_y has dtype",
+            msops.global_affine_permute_bwd,
+            (gy.double(), gl, x, g, o, perm, "SOFTPLUS", False),
+        ),
+        (
+            "at least 2 channels",
+            msops.coupling_affine_permute_fwd,
+            (x[:, :1].contiguous(), a[:, :0].contiguous(), g[:1], o[:1], perm[:1], CLAMP, "tanh", "EXP"),
+        ),
+        ("a must have shape", msops.coupling_affine_permute_fwd, (x, a, g, o, perm, CLAMP, "tanh", "EXP")),
+        (
+            "global_scale must have shape",
+            msops.coupling_affine_permute_bwd,
+            (gy, gl, x, a_half, g[:3], perm, CLAMP, "tanh", "EXP"),
+        ),
+    ] + (
+        [  # permutation values are only checked on CPU (on CUDA the check would synchronise)
+            (
+                "perm must be a permutation",
+                msops.global_affine_permute_fwd,
+                (x, g, o, torch.tensor([0, 1, 1, 3]), "EXP"),
+            ),
+            (
+                "perm must be a permutation",
+                msops.coupling_affine_permute_fwd,
+                (x, a_half, g, o, torch.tensor([0, 1, 2, 4]), CLAMP, "tanh", "EXP"),
+            ),
+        ]
+        if DEVICE.type == "cpu"
+        else []
+    )
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls())))
+def test_cpp_checks_name_the_argument(index):
+    message, op, args = _bad_calls()[index]
+    with pytest.raises(RuntimeError, match=message):
+        op(*args)
