@@ -205,20 +205,25 @@ def _device(name: str | None):
 
 
 def _model_from_checkpoint(path: str | Path, device) -> tuple[Any, dict]:
+    """Rebuild the model of a checkpoint (``train``'s ``last.pt`` or a saved model) on ``device``."""
     from msflow_fast.engine import load_checkpoint
+    from msflow_fast.model import MSFlow, load_checkpoint_state, model_from_checkpoint_state
 
     msflow_cls, config_cls = _model_api()
     state = load_checkpoint(path, map_location="cpu")
+    if state["kind"] == "msflow" and msflow_cls is MSFlow:
+        # Stored backbone weights are used as they are; a "pretrained" backbone (not stored) is
+        # rebuilt with timm's pretrained weights (network access or the timm cache).
+        return model_from_checkpoint_state(state).to(device), state
     if state.get("config") is None:
         raise ValueError(f"checkpoint {state['path']} has no model config; it was not written by msflow-fast train")
     config = config_cls.from_dict(state["config"])
     names = {f.name for f in dataclasses.fields(config_cls)}
-    # The checkpoint holds every weight: never download pretrained backbone weights for it.
+    # A "module" checkpoint holds every weight: never download pretrained backbone weights for it.
     no_download = {n: False for n in ("pretrained", "backbone_pretrained") if n in names}
     if no_download:
         config = dataclasses.replace(config, **no_download)
-    model = msflow_cls(config)
-    model.load_state_dict(state["model"])
+    model = load_checkpoint_state(msflow_cls(config), state)
     return model.to(device), state
 
 
@@ -355,7 +360,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_eval(p: argparse.ArgumentParser) -> None:
     _add_common(p, data=True)
-    p.add_argument("--checkpoint", required=True, help="last.pt written by train (or its folder)")
+    p.add_argument("--checkpoint", required=True, help="last.pt written by train (or its folder) or a saved model; a pretrained timm backbone is not stored and is rebuilt from timm (network or its cache)")
     p.add_argument("--out", default=None, help="folder for metrics.json, scores.csv, heatmaps/ (default: the checkpoint's folder)")
     p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
     p.add_argument("--fpr-limit", type=float, default=0.3, help="AUPRO integration limit (default: 0.3)")
@@ -376,7 +381,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
     _add_common(p, data=False)
-    p.add_argument("--checkpoint", required=True, help="last.pt written by train (or its folder)")
+    p.add_argument("--checkpoint", required=True, help="last.pt written by train (or its folder) or a saved model; a pretrained timm backbone is not stored and is rebuilt from timm (network or its cache)")
     p.add_argument("--input", required=True, nargs="+", help="image files or one folder of images")
     p.add_argument("--out", required=True, help="folder for heatmaps/*.png and scores.csv")
     p.add_argument("--vmax", type=float, default=None, help="top of the heat-map colour range (default: the largest map value)")

@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from msflow_fast.engine import SyntheticDefects, apply_colormap, aupro, evaluate, fit, overlay, predict_folder
-from msflow_fast.engine.checkpoint import atomic_write_json
+from msflow_fast.engine.checkpoint import atomic_write_json, load_checkpoint
 from test_engine_protocol import TinyFlowModel
 
 
@@ -145,3 +145,25 @@ def test_real_msflow_fit_resume_evaluate(tmp_path):
     result = evaluate(model, SyntheticDefects("test", 6, 64, seed=0), batch_size=3, progress=False)
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= result[key] <= 1.0
+
+    # last.pt is a model checkpoint plus "training": the model layer rebuilds the MSFlow from it
+    from msflow_fast.model import load_checkpoint as load_model, save_checkpoint as save_model
+
+    state = load_checkpoint(tmp_path)
+    assert state["kind"] == "msflow" and state["backbone_source"] == "module" and state["training"]["epoch"] == 2
+    assert not any(k.startswith("extractor.") for k in state["flows"])
+    rebuilt = load_model(tmp_path / "last.pt", backbone=_TinyBackbone())
+    x = SyntheticDefects("test", 2, 64, seed=1)[0]["image"][None]
+    torch.testing.assert_close(rebuilt.predict(x).score, model.predict(x).score)
+    # a model-only checkpoint evaluates but cannot be resumed
+    save_model(model, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="model.pt.*without training state"):
+        fit(model, train, epochs=4, out_dir=tmp_path / "o", resume=tmp_path / "model.pt", progress=False)
+
+
+def test_corrupt_training_checkpoint_is_named(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="last.pt.*corrupt"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(ValueError, match="last.pt"):
+        fit(TinyFlowModel(input_size=16), [torch.zeros(1, 3, 16, 16)], epochs=1, out_dir=tmp_path, resume=True, progress=False)

@@ -80,11 +80,13 @@ def test_checkpoint_every_epoch_and_contents(tmp_path):
     model = TinyFlowModel(input_size=16)
     fit(model, _Images(), epochs=3, lr=0.01, batch_size=4, shuffle=False, out_dir=tmp_path, progress=False)
     state = load_checkpoint(tmp_path / "last.pt")
-    assert state["epoch"] == 2 and len(state["history"]["loss"]) == 3
+    assert state["format"] == "msflow_fast" and state["kind"] == "module"
+    training = state["training"]
+    assert training["epoch"] == 2 and len(training["history"]["loss"]) == 3
     assert set(state["versions"]) == {"msflow_fast", "torch", "python"}
-    assert state["optimizer"] is not None and state["scheduler"] is not None
+    assert training["optimizer"] is not None and training["scheduler"] is not None
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    torch.testing.assert_close(state["model"]["mu"], model.mu.detach())
+    torch.testing.assert_close(state["state_dict"]["mu"], model.mu.detach())
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
@@ -98,7 +100,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     # interrupted during epoch 4 (12 items per epoch): epochs 1-3 are checkpointed
     with pytest.raises(KeyboardInterrupt):
         fit(model, _Images(fail_at=12 * 3 + 5), out_dir=tmp_path, **kwargs)
-    assert load_checkpoint(tmp_path)["epoch"] == 2
+    assert load_checkpoint(tmp_path)["training"]["epoch"] == 2
     fresh = TinyFlowModel(input_size=16)
     result = fit(fresh, _Images(), out_dir=tmp_path, resume=True, **kwargs)
     assert result.start_epoch == 3 and len(result.losses) == 2
@@ -126,9 +128,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         fit(model, _Images(), epochs=5, batch_size=4, shuffle=False, out_dir=tmp_path, progress=False)
     assert "resume" in str(info.value)
     state = load_checkpoint(tmp_path / "last.pt")
-    assert state["epoch"] == 1
+    assert state["training"]["epoch"] == 1
     restored = TinyFlowModel(input_size=16)
-    restored.load_state_dict(state["model"])
+    restored.load_state_dict(state["state_dict"])
     assert all(torch.isfinite(v).all() for v in restored.state_dict().values())
 
 
@@ -173,8 +175,8 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key])
     state = load_checkpoint(out / "last.pt")
-    assert state["epoch"] == 1
-    torch.testing.assert_close(state["model"]["mu"], a["mu"])
+    assert state["training"]["epoch"] == 1
+    torch.testing.assert_close(state["state_dict"]["mu"], a["mu"])
     assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
 
 

@@ -19,9 +19,12 @@ from msflow_fast import MSFlow, MSFlowConfig, ops
 from msflow_fast.model import (
     FeatureExtractor,
     PositionalEncoding2d,
+    checkpoint_state,
     load_checkpoint,
     load_official_checkpoint,
+    model_from_checkpoint_state,
     positional_encoding_2d,
+    read_checkpoint,
     save_checkpoint,
 )
 from msflow_fast.nn import FusionCouplingLayer, FusionFlow, ParallelFlows, subnet_conv_ln
@@ -333,18 +336,89 @@ def test_own_checkpoint_round_trip(tmp_path):
     model = _model()
     path = tmp_path / "ckpt" / "model.pt"
     save_checkpoint(model, path, epoch=7)
-    data = torch.load(path, weights_only=False)
-    assert data["epoch"] == 7 and data["format"] == "msflow_fast"
-    assert not any(k.startswith("extractor.") for k in data["state_dict"])
-    loaded = load_checkpoint(path, backbone=model.extractor.backbone)
+    data = torch.load(path, weights_only=True)
+    assert data["epoch"] == 7 and data["format"] == "msflow_fast" and data["format_version"] == 2
+    assert data["kind"] == "msflow" and data["config"] == model.config.to_dict()
+    assert not any(k.startswith("extractor.") for k in data["flows"])
+    # a user-supplied backbone cannot be rebuilt from the config: its weights are stored
+    assert data["backbone_source"] == "module" and data["backbone_class"] == "TinyBackbone"
+    assert set(data["backbone"]) == set(model.extractor.backbone.state_dict())
+    assert set(data["versions"]) == {"msflow_fast", "torch", "python"}
+    assert not [p for p in path.parent.iterdir() if p.name != "model.pt"]
+    fresh = TinyBackbone()  # other weights: the stored ones replace them
+    loaded = load_checkpoint(path, backbone=fresh)
     assert loaded.config == model.config
     x = _images()
     for a, b in zip(model(x).latents, loaded(x).latents):
         torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="user-supplied backbone .*TinyBackbone.*backbone="):
+        load_checkpoint(path)
     with pytest.raises(ValueError, match="official"):
         load_checkpoint({"parallel_flows": [], "fusion_flow": {}})
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="pretrained"):
+        load_checkpoint(path, backbone=fresh, pretrained=True)
+
+
+def test_checkpoint_of_timm_backbone_stores_weights_only_when_not_pretrained(tmp_path):
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    config = MSFlowConfig(backbone="resnet18", input_size=64, c_cond=8, parallel_blocks=(1, 1, 1), pretrained=False)
+    model = MSFlow(config)
+    path = tmp_path / "random.pt"
+    save_checkpoint(model, path)
+    data = torch.load(path, weights_only=True)
+    assert data["backbone_source"] == "random" and "backbone" in data
+    torch.manual_seed(1)  # a different random backbone: the stored weights must win
+    loaded = load_checkpoint(path)
+    x = _images(1, 64)
+    torch.testing.assert_close(model(x).logdet, loaded(x).logdet)
+
+    # pretrained timm weights are rebuilt from the name, not stored (no download here: flip the flag)
+    model.config = config.replace(pretrained=True)
+    state = checkpoint_state(model)
+    assert state["backbone_source"] == "pretrained" and "backbone" not in state
+    # a given module is used as it is for a "pretrained" checkpoint
+    rebuilt = model_from_checkpoint_state(state, backbone=model.extractor.backbone)
+    torch.testing.assert_close(rebuilt(x).logdet, model(x).logdet)
+
+
+def test_corrupt_truncated_and_foreign_checkpoints_name_the_file(tmp_path):
+    model = _model()
+    path = tmp_path / "good.pt"
+    save_checkpoint(model, path)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="truncated.pt.*corrupt"):
+        load_checkpoint(truncated, backbone=TinyBackbone())
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="garbage.pt"):
+        read_checkpoint(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt.* not an msflow_fast checkpoint"):
+        load_checkpoint(foreign)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "msflow_fast", "object": TinyBackbone}, pickled)
+    with pytest.raises(ValueError, match="pickled.pt.*Python objects"):
+        read_checkpoint(pickled)
+    official = tmp_path / "official.pt"
+    torch.save({"parallel_flows": [], "fusion_flow": {}}, official)
+    with pytest.raises(ValueError, match="official.pt.*load_official_checkpoint"):
+        load_checkpoint(official)
+    future = checkpoint_state(model)
+    future["format_version"] = 99
+    torch.save(future, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="future.pt.*format_version 99.*upgrade"):
+        read_checkpoint(tmp_path / "future.pt")
+    incomplete = checkpoint_state(model)
+    del incomplete["flows"]
+    with pytest.raises(ValueError, match="lacks.*flows"):
+        load_checkpoint(incomplete, backbone=TinyBackbone())
+    with pytest.raises(ValueError, match="not an official MSFlow checkpoint"):
+        load_official_checkpoint(model, path)
 
 
 def test_top_level_exports():

@@ -1,36 +1,33 @@
-"""Checkpoints: atomic writes (temporary file in the same folder + ``os.replace``) and resume.
+"""Training checkpoints: the model checkpoint of :mod:`msflow_fast.model.checkpoint` plus a
+``"training"`` entry, written atomically (temporary file in the same folder + ``os.replace``).
 
-A checkpoint is a ``torch.save`` dict::
+Layout (``torch.save`` dict)::
 
-    {"format": 1, "model": model.state_dict(), "config": model.config.to_dict() or None,
-     "optimizer": ..., "scheduler": ..., "scaler": ..., "epoch": last finished epoch (0-based),
-     "history": {...}, "versions": {"msflow_fast", "torch", "python"}}
+    {**msflow_fast.model.checkpoint_state(model),       # format, format_version, kind, config,
+                                                         # flows (+ backbone when needed), versions
+     "training": {"optimizer": ..., "scheduler": ..., "scaler": ... or None,
+                  "epoch": last finished epoch (0-based), "history": {"loss": [...], "lr": [...]}}}
 
-The whole model state (backbone included) is stored, so models with randomly initialised backbones
-reload exactly.
+So ``last.pt`` is also a model checkpoint: ``msflow_fast.model.load_checkpoint("last.pt")`` rebuilds
+the MSFlow from it. Models that are not an MSFlow (anything following the engine's ``loss`` /
+``predict`` protocol) are stored with ``kind="module"``: their full ``state_dict``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..model import checkpoint_state, read_checkpoint, versions, write_checkpoint
+
 __all__ = ["CHECKPOINT_NAME", "atomic_write_bytes", "atomic_write_json", "load_checkpoint", "save_checkpoint", "versions"]
 
 CHECKPOINT_NAME = "last.pt"
-FORMAT_VERSION = 1
-
-
-def versions() -> dict[str, str]:
-    from .. import __version__
-
-    return {"msflow_fast": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def _atomic(path: Path, write) -> Path:
@@ -62,13 +59,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def _config_dict(model: torch.nn.Module) -> dict | None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_dict"):
-        return config.to_dict()
-    return None
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -80,44 +70,47 @@ def save_checkpoint(
     history: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Atomically save the model (and training state) to ``path``.
+    """Atomically save the model checkpoint plus the training state to ``path``.
 
     Args:
         epoch: index (0-based) of the last finished epoch; ``-1`` for an untrained model.
+        extra: more top-level entries (must not replace the checkpoint's own).
     """
-    state = {
-        "format": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "config": _config_dict(model),
+    state = checkpoint_state(model)
+    state["training"] = {
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),
         "history": history or {},
-        "versions": versions(),
     }
     if extra:
+        clash = sorted(set(extra) & set(state))
+        if clash:
+            raise ValueError(f"extra: entries {clash} would overwrite checkpoint fields")
         state.update(extra)
-    return _atomic(Path(path), lambda f: torch.save(state, f))
+    return Path(write_checkpoint(state, path))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`.
+    """Read and validate a checkpoint (a training checkpoint, or a model checkpoint without ``"training"``).
+
+    Args:
+        path: the file, or a folder holding ``last.pt``.
+
+    Returns:
+        The checkpoint dict, with ``"path"`` (the file read) added.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a readable msflow_fast checkpoint.
+        ValueError: the file is corrupt, truncated or not an msflow_fast checkpoint (the message
+            names the file).
     """
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(state, dict) or "model" not in state or "format" not in state:
-        raise ValueError(f"not an msflow_fast checkpoint: {path} (missing 'model'/'format' entries)")
+    state = read_checkpoint(path, map_location=map_location)
     state["path"] = str(path)
     return state

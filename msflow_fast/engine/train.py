@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
+from ..model import load_checkpoint_state
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 __all__ = ["FitResult", "OfficialSchedule", "batch_images", "fit"]
@@ -250,16 +251,22 @@ def fit(
         resume_path = ckpt_path
     if resume_path is not None:
         state = load_checkpoint(resume_path, map_location=device)
+        training = state.get("training")
+        if not isinstance(training, dict):
+            raise ValueError(
+                f"resume: {state['path']} is a model checkpoint without training state (no 'training' entry); "
+                "load the model from it and start a new fit instead"
+            )
         config = getattr(model, "config", None)
         if state.get("config") is not None and config is not None and hasattr(config, "to_dict") and _architecture(config.to_dict()) != _architecture(state["config"]):
             raise ValueError(f"resume: the model's config differs from the one saved in {resume_path}; build the model from the checkpoint config")
-        model.load_state_dict(state["model"])
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler") is not None:
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = int(state["epoch"]) + 1
-        history = state.get("history") or history
+        load_checkpoint_state(model, state)
+        if training.get("optimizer") is not None:
+            optimizer.load_state_dict(training["optimizer"])
+        if scaler is not None and training.get("scaler") is not None:
+            scaler.load_state_dict(training["scaler"])
+        start_epoch = int(training["epoch"]) + 1
+        history = training.get("history") or history
         # The schedule is a pure function of the epoch: set it for this run's total epochs.
         for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
             group["lr"] = base * schedule(start_epoch)

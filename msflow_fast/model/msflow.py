@@ -50,6 +50,8 @@ class MSFlow(nn.Module):
             raise TypeError(f"config must be an MSFlowConfig, got {type(config).__name__}")
         config = config.replace(**overrides) if overrides else config
         self.config = config
+        # Checkpoints store the weights of a user-supplied backbone (the config cannot rebuild it).
+        self.backbone_is_module = backbone is not None
         self.extractor = FeatureExtractor(
             backbone if backbone is not None else config.backbone,
             out_indices=config.out_indices,
@@ -78,7 +80,7 @@ class MSFlow(nn.Module):
         Raises:
             TypeError: not a floating tensor, or on another device than the model.
             ValueError: wrong rank, channel count, empty, size not divisible by the backbone's
-                largest stride, or non-finite values.
+                largest stride, or non-finite values (not checked inside torch.compile/export graphs).
         """
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
@@ -103,7 +105,8 @@ class MSFlow(nn.Module):
         param = next(self.parallel_flows.parameters())
         if images.device != param.device:
             raise TypeError(f"images are on {images.device} but the model is on {param.device}; move one of them")
-        if not bool(torch.isfinite(images).all()):
+        # A data-dependent check: skipped while torch.compile / torch.export trace the model.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(images).all()):
             raise ValueError("images contain NaN or infinite values")
         return images
 
