@@ -5,6 +5,7 @@
   visible GPU. Without a GPU set ``TORCH_CUDA_ARCH_LIST`` (default here: ``9.0``).
 * ``MSFLOW_FAST_NO_EXT=1``: pure-Python install (reference and Triton backends only).
 * ``MSFLOW_FAST_NO_CUDA=1``: build the CPU part only.
+* ``MSFLOW_FAST_CPU_ARCH``: ``-march`` of the CPU kernels (default ``native``; empty = compiler default).
 
 Install after torch with ``pip install --no-build-isolation -e .`` so the extension is compiled
 against the torch that will run it.
@@ -51,6 +52,12 @@ def _extensions() -> tuple[list, dict]:
     with_cuda = bool(cuda_sources) and cuda_home is not None and torch.version.cuda is not None
     with_cuda = with_cuda and not _flag("MSFLOW_FAST_NO_CUDA")
     cxx_flags = ["-O3", "-g0", "-fopenmp"]
+    # The CPU kernels are plain loops the compiler vectorises: target the build machine's vector
+    # width (AVX2/AVX-512) unless told otherwise (e.g. MSFLOW_FAST_CPU_ARCH=x86-64-v2 for a
+    # portable build, or an empty value for the compiler's default).
+    cpu_arch = os.environ.get("MSFLOW_FAST_CPU_ARCH", "native")
+    if cpu_arch:
+        cxx_flags.append(f"-march={cpu_arch}")
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc")]
     if with_cuda:

@@ -22,17 +22,10 @@
 #include <vector>
 
 #include "common.h"
+#include "coupling_math.h"
 
 namespace msflow_fast {
 namespace coupling {
-
-// Codes shared with csrc/cuda/coupling.cu.
-constexpr int64_t kTanh = 0;
-constexpr int64_t kTanhScaled = 1;
-constexpr int64_t kAtan = 2;
-constexpr int64_t kSoftplus = 0;
-constexpr int64_t kSigmoid = 1;
-constexpr int64_t kExp = 2;
 
 int64_t parse_clamp_form(c10::string_view clamp_form) {
   if (clamp_form == "tanh") return kTanh;
@@ -222,60 +215,30 @@ inline float tanh_approx(float v) {
 inline double exp_approx(double v) { return std::exp(v); }
 inline double tanh_approx(double v) { return std::tanh(v); }
 
-// Soft clamp s = f(a_s) and its derivative ds/da_s.
+// The CPU maths policy of coupling_math.h: vectorisable float approximations, std:: for double.
+struct CpuMath {
+  static float exp(float v) { return exp_approx(v); }
+  static double exp(double v) { return std::exp(v); }
+  static float tanh(float v) { return tanh_approx(v); }
+  static double tanh(double v) { return std::tanh(v); }
+  static float atan(float v) { return std::atan(v); }
+  static double atan(double v) { return std::atan(v); }
+  static double log1p(double v) { return std::log1p(v); }
+};
+
 template <int64_t FORM, typename T>
 inline T soft_clamp(T a, T alpha) {
-  if constexpr (FORM == kTanh) {
-    return alpha * tanh_approx(T(0.1) * a);  // alpha * tanh(0.1 a)
-  } else if constexpr (FORM == kTanhScaled) {
-    return alpha * tanh_approx(T(0.1) * a / alpha);  // alpha * tanh(0.1 a / alpha)
-  } else {
-    return alpha * T(0.636) * std::atan(a / alpha);  // alpha * 0.636 * atan(a / alpha)
-  }
+  return coupling::soft_clamp<FORM, CpuMath>(a, alpha);
 }
 
 template <int64_t FORM, typename T>
 inline T soft_clamp_and_grad(T a, T alpha, T& ds) {
-  if constexpr (FORM == kTanh) {
-    const T th = tanh_approx(T(0.1) * a);
-    ds = alpha * T(0.1) * (T(1) - th * th);
-    return alpha * th;
-  } else if constexpr (FORM == kTanhScaled) {
-    const T th = tanh_approx(T(0.1) * a / alpha);
-    ds = T(0.1) * (T(1) - th * th);
-    return alpha * th;
-  } else {
-    const T r = a / alpha;
-    ds = T(0.636) / (T(1) + r * r);
-    return alpha * T(0.636) * std::atan(r);
-  }
+  return coupling::soft_clamp_and_grad<FORM, CpuMath>(a, alpha, ds);
 }
 
-// t = k * a_t with k = 0.1 (tanh forms) or 1 (atan).
-template <int64_t FORM, typename T>
-constexpr T shift_factor() {
-  return FORM == kAtan ? T(1) : T(0.1);
-}
-
-// g = psi(gamma) and dg/dgamma, in double. SOFTPLUS mirrors F.softplus(beta=0.5, threshold=20).
+// g = psi(gamma) and dg/dgamma, in double.
 inline double global_scale_and_grad(double gamma, int64_t affine_type, double& dg) {
-  if (affine_type == kSoftplus) {
-    const double z = 0.5 * gamma;
-    if (z > 20.0) {
-      dg = 0.1;
-      return 0.1 * gamma;
-    }
-    dg = 0.1 / (1.0 + std::exp(-z));
-    return 0.2 * std::log1p(std::exp(z));
-  }
-  if (affine_type == kSigmoid) {
-    const double sig = 1.0 / (1.0 + std::exp(-(gamma - 2.0)));
-    dg = 10.0 * sig * (1.0 - sig);
-    return 10.0 * sig;
-  }
-  const double g = std::exp(gamma);
-  dg = g;
-  return g;
+  return coupling::global_scale_and_grad<CpuMath>(gamma, affine_type, dg);
 }
 
 // Calls fn(std::integral_constant<int64_t, FORM>{}) for the runtime clamp form.

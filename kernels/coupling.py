@@ -53,6 +53,15 @@ def _log1p(e):
 
 
 @triton.jit
+def _expm1_nonpositive(v, w):
+    # exp(v) - 1 for v <= 0 given w = exp(v), without cancellation near 0: (w - 1) v / log(w).
+    d = w - 1.0
+    near_zero = (w > 0.5) & (d != 0.0)
+    ratio = v / tl.log(tl.where(near_zero, w, 0.5))
+    return tl.where(d == 0.0, v, tl.where(near_zero, d * ratio, d))
+
+
+@triton.jit
 def _atan(v):
     # atan(v) = sign(v) * (pi/2 - atan(1/|v|)) for |v| > 1; atan(t) = 2 atan(t / (1 + sqrt(1 + t^2))) x3; odd series.
     av = tl.abs(v)
@@ -89,7 +98,7 @@ def _soft_clamp(a_s, CLAMP: tl.constexpr, CLAMP_FORM: tl.constexpr):
         else:
             u = a_s * (_PRE_FACTOR / CLAMP)
         e = tl.exp(-2.0 * tl.abs(u))
-        th = (1.0 - e) / (1.0 + e)
+        th = -_expm1_nonpositive(-2.0 * tl.abs(u), e) / (1.0 + e)
         th = tl.where(u < 0.0, -th, th)
         s = th * CLAMP
         dth = (e * 4.0) / ((1.0 + e) * (1.0 + e))

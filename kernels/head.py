@@ -77,6 +77,8 @@ def gaussian_nll_fwd(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     """``0.5 * sum z[b]^2 - logdet[b]`` of contiguous ``z [B, N]``, ``logdet [B]`` -> ``[B]`` (acc dtype)."""
     B, N = z.shape
     acc = _acc_dtype(z.dtype)
+    if N == 0:
+        return -logdet.to(acc)
     split = max(1, triton.cdiv(N, _NLL_SPLIT_ELEMENTS))
     chunk = triton.cdiv(triton.cdiv(N, split), _BLOCK_N) * _BLOCK_N
     split = max(1, triton.cdiv(N, chunk))

@@ -110,6 +110,22 @@ def test_affine_coupling_matches_reference(backend, shape, dtype, clamp_form, re
 
 
 @pytest.mark.parametrize("backend", _backends("affine_coupling"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("clamp_form", reference.CLAMP_FORMS)
+def test_soft_clamp_relative_accuracy_from_tiny_to_saturated(backend, dtype, clamp_form):
+    # One element per sample, so the log-det is s itself: the clamp must stay accurate relative
+    # to s for tiny |a| (no cancellation in 1 - exp(-2|u|)) and at saturation.
+    magnitudes = torch.logspace(-8, 3, 200, dtype=torch.float64)
+    a_s = torch.cat([magnitudes, -magnitudes]).view(-1, 1, 1, 1)
+    a = torch.cat([a_s, torch.randn_like(a_s)], dim=1).to(device=DEVICE, dtype=dtype)
+    x = torch.randn(a_s.shape, dtype=dtype, device=DEVICE)
+    _, logdet = ops.affine_coupling(x, a, clamp=1.9, clamp_form=clamp_form, backend=backend)
+    exact = reference.soft_clamp(a_s.view(-1), 1.9, clamp_form)
+    rel = ((logdet.double().cpu() - exact) / exact).abs().max().item()
+    assert rel < (1e-12 if dtype == torch.float64 else 2e-6), f"max relative error of s: {rel:.3e}"
+
+
+@pytest.mark.parametrize("backend", _backends("affine_coupling"))
 @pytest.mark.parametrize("clamp_form", reference.CLAMP_FORMS)
 def test_affine_coupling_round_trip(backend, clamp_form):
     x = torch.randn(3, 7, 7, 9, dtype=torch.float64, device=DEVICE)

@@ -69,6 +69,13 @@ def test_gaussian_nll_half_accumulates_in_float32(backend):
 
 
 @pytest.mark.parametrize("backend", _backends("gaussian_nll"))
+def test_gaussian_nll_of_an_empty_latent_is_minus_logdet(backend):
+    z = torch.randn(3, 0, 4, 5, dtype=torch.float64, device=DEVICE)
+    logdet = torch.randn(3, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(ops.gaussian_nll(z, logdet, backend=backend), -logdet)
+
+
+@pytest.mark.parametrize("backend", _backends("gaussian_nll"))
 def test_gaussian_nll_gradcheck(backend):
     z = torch.randn(2, 3, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     logdet = torch.randn(2, dtype=torch.float64, device=DEVICE, requires_grad=True)

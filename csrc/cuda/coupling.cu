@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "coupling_math.h"
 
 namespace msflow_fast {
 namespace coupling {
@@ -44,13 +45,6 @@ void check_coupling_affine_permute_bwd(const at::Tensor& grad_y, const at::Tenso
 
 namespace {
 
-// Same codes as csrc/coupling.cpp.
-constexpr int64_t kTanh = 0;
-constexpr int64_t kTanhScaled = 1;
-constexpr int64_t kAtan = 2;
-constexpr int64_t kSoftplus = 0;
-constexpr int64_t kSigmoid = 1;
-
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocksX = 1024;
 constexpr int64_t kMaxGridY = 65535;
@@ -69,62 +63,31 @@ __device__ __forceinline__ double dev_log(double v) { return log(v); }
 __device__ __forceinline__ float dev_log1p(float v) { return log1pf(v); }
 __device__ __forceinline__ double dev_log1p(double v) { return log1p(v); }
 
-// s = f(a_s): alpha tanh(0.1 a) | alpha tanh(0.1 a / alpha) | alpha 0.636 atan(a / alpha)
+// The CUDA maths policy of coupling_math.h: the device library.
+struct CudaMath {
+  static __device__ __forceinline__ float exp(float v) { return dev_exp(v); }
+  static __device__ __forceinline__ double exp(double v) { return dev_exp(v); }
+  static __device__ __forceinline__ float tanh(float v) { return dev_tanh(v); }
+  static __device__ __forceinline__ double tanh(double v) { return dev_tanh(v); }
+  static __device__ __forceinline__ float atan(float v) { return dev_atan(v); }
+  static __device__ __forceinline__ double atan(double v) { return dev_atan(v); }
+  static __device__ __forceinline__ float log1p(float v) { return dev_log1p(v); }
+  static __device__ __forceinline__ double log1p(double v) { return dev_log1p(v); }
+};
+
 template <int64_t FORM, typename T>
 __device__ __forceinline__ T soft_clamp(T a, T alpha) {
-  if constexpr (FORM == kTanh) {
-    return alpha * dev_tanh(T(0.1) * a);
-  } else if constexpr (FORM == kTanhScaled) {
-    return alpha * dev_tanh(T(0.1) * a / alpha);
-  } else {
-    return alpha * T(0.636) * dev_atan(a / alpha);
-  }
+  return coupling::soft_clamp<FORM, CudaMath>(a, alpha);
 }
 
-// s = f(a_s) and ds = f'(a_s)
 template <int64_t FORM, typename T>
 __device__ __forceinline__ T soft_clamp_and_grad(T a, T alpha, T& ds) {
-  if constexpr (FORM == kTanh) {
-    const T th = dev_tanh(T(0.1) * a);
-    ds = alpha * T(0.1) * (T(1) - th * th);
-    return alpha * th;
-  } else if constexpr (FORM == kTanhScaled) {
-    const T th = dev_tanh(T(0.1) * a / alpha);
-    ds = T(0.1) * (T(1) - th * th);
-    return alpha * th;
-  } else {
-    const T r = a / alpha;
-    ds = T(0.636) / (T(1) + r * r);
-    return alpha * T(0.636) * dev_atan(r);
-  }
+  return coupling::soft_clamp_and_grad<FORM, CudaMath>(a, alpha, ds);
 }
 
-// t = k a_t
-template <int64_t FORM, typename T>
-__host__ __device__ constexpr T shift_factor() {
-  return FORM == kAtan ? T(1) : T(0.1);
-}
-
-// g = psi(gamma), dg = psi'(gamma); SOFTPLUS mirrors F.softplus(beta=0.5, threshold=20)
 template <typename T>
 __device__ __forceinline__ T global_scale_and_grad(T gamma, int64_t affine_type, T& dg) {
-  if (affine_type == kSoftplus) {
-    const T z = T(0.5) * gamma;
-    if (z > T(20)) {
-      dg = T(0.1);
-      return T(0.1) * gamma;
-    }
-    dg = T(0.1) / (T(1) + dev_exp(-z));
-    return T(0.2) * dev_log1p(dev_exp(z));
-  }
-  if (affine_type == kSigmoid) {
-    const T sig = T(1) / (T(1) + dev_exp(T(2) - gamma));
-    dg = T(10) * sig * (T(1) - sig);
-    return T(10) * sig;
-  }
-  const T g = dev_exp(gamma);
-  dg = g;
-  return g;
+  return coupling::global_scale_and_grad<CudaMath>(gamma, affine_type, dg);
 }
 
 template <typename T>

@@ -265,7 +265,7 @@ __device__ __forceinline__ double from_bits(uint64_t v) { return __longlong_as_d
 // out[b] = mean of the k largest values[b, :] (negatives and NaN read as 0): radix select of the
 // k-th value v on the bit patterns, then (sum of values > v + (k - count > v) * v) / k. One block per image.
 template <typename in_t, typename acc_t>
-__global__ void top_k_mean_kernel(const in_t* __restrict__ values, in_t* __restrict__ out, int64_t N, int64_t k) {
+__global__ void __launch_bounds__(kSelectThreads) top_k_mean_kernel(const in_t* __restrict__ values, in_t* __restrict__ out, int64_t N, int64_t k) {
   using bits_t = decltype(to_bits(acc_t(0)));
   constexpr int kBits = sizeof(bits_t) * 8;
   __shared__ unsigned int hist[kRadixBins];
