@@ -131,7 +131,7 @@ def test_autocast_loss_and_logdet_stay_float32(dtype):
     model = _model().train()
     x = _images(2)
     seen = []
-    conv = model.parallel_flows.flows[0].module_list[0].subnet.conv1
+    conv = model.parallel_flows.flows[0].module_list[0].subnet.conv2
     handle = conv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     try:
         reference = model.loss(x).detach()

@@ -416,3 +416,28 @@ def test_deepcopy_and_pickle_keep_the_load_hooks(tmp_path):
     state["w_perm_inv"] = other.perm_index_inv.clone()
     loaded.load_state_dict(state)
     assert torch.equal(loaded.perm_index, other.perm_index)
+
+
+@pytest.mark.parametrize("rev", [False, True], ids=["fwd", "rev"])
+def test_batch_constant_condition_takes_the_split_subnet_path_with_the_same_result(rev):
+    # An expanded (batch-stride 0) condition, as MSFlow's positional encoding, runs its share of
+    # conv1 once; the result and every gradient equal those of the concatenated condition.
+    torch.manual_seed(5)
+    block = AllInOneBlock([(7, 1, 1)], dims_c=[(4, 1, 1)], subnet_constructor=subnet_conv_ln, affine_clamping=1.9)
+    block = block.double()
+    x = torch.randn(3, 7, 5, 6, dtype=torch.float64)
+    shared = torch.randn(1, 4, 5, 6, dtype=torch.float64).expand(3, -1, -1, -1)
+    calls = []
+    handle = block.subnet.conv1.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        y_split, ld_split, gx_split, gp_split = _grads(block, x, [shared], rev)
+        assert not calls, "the expanded condition should not go through the concatenating conv1"
+        y_cat, ld_cat, gx_cat, gp_cat = _grads(block, x, [shared.contiguous()], rev)
+        assert calls, "a per-sample condition goes through conv1 on the concatenation"
+    finally:
+        handle.remove()
+    torch.testing.assert_close(y_split, y_cat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ld_split, ld_cat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gx_split, gx_cat, rtol=1e-12, atol=1e-12)
+    for name in gp_cat:
+        torch.testing.assert_close(gp_split[name], gp_cat[name], rtol=1e-10, atol=1e-12, msg=name)

@@ -202,7 +202,12 @@ class AllInOneBlock(nn.Module):
         return conds
 
     def _subnet(self, x1: torch.Tensor, conds: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        a = self.subnet(torch.cat([x1, *conds], dim=1) if conds else x1)
+        # A subnet with ``forward_split(x1, conds)`` takes the conditions unconcatenated (see
+        # SubnetConvLN.forward_split); any other subnet gets FrEIA's ``concat(x1, *c)``.
+        if conds and hasattr(self.subnet, "forward_split"):
+            a = self.subnet.forward_split(x1, conds)
+        else:
+            a = self.subnet(torch.cat([x1, *conds], dim=1) if conds else x1)
         return a if a.dtype == dtype else a.to(dtype)
 
     def forward(

@@ -42,6 +42,29 @@ class SubnetConvLN(nn.Module):
         """``[B, dim_in, H, W] -> [B, dim_out, H, W]``."""
         return self.conv2(F.relu(_channel_layer_norm(self.conv1(x), self.ln)))
 
+    def forward_split(self, x: torch.Tensor, conditions: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``forward(concat([x, *conditions]))`` without the concatenation.
+
+        ``conv1`` is linear in its input channels, so it splits into a part on ``x`` and a part on
+        the conditions. Conditions that are the same for every sample (a batch stride of 0, as
+        the positional encoding that MSFlow passes as an expanded view) go through their part
+        of ``conv1`` once, on one sample, and are broadcast over the batch: exact up to rounding,
+        and it saves that share of ``conv1`` (a third of it at MSFlow's first scale).
+
+        Args:
+            x: passive half ``[B, C_x, H, W]``.
+            conditions: ``[B, C_c, H, W]`` tensors with ``C_x + sum C_c == dim_in``.
+        """
+        shared = conditions and all(c.stride(0) == 0 or c.shape[0] == 1 for c in conditions)
+        if not shared or x.shape[0] == 1:
+            return self.forward(torch.cat([x, *conditions], dim=1) if conditions else x)
+        c_x = x.shape[1]
+        weight = self.conv1.weight
+        condition = torch.cat([c[:1] for c in conditions], dim=1)
+        constant = F.conv2d(condition, weight[:, c_x:], self.conv1.bias, padding=1)
+        hidden = F.conv2d(x, weight[:, :c_x], None, padding=1) + constant
+        return self.conv2(F.relu(_channel_layer_norm(hidden, self.ln)))
+
 
 def subnet_conv_ln(dim_in: int, dim_out: int) -> SubnetConvLN:
     """Subnet constructor with MSFlow's official name; returns :class:`SubnetConvLN`."""
