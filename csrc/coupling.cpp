@@ -23,6 +23,7 @@
 
 #include "common.h"
 #include "coupling_math.h"
+#include "cpu_math.h"
 
 namespace msflow_fast {
 namespace coupling {
@@ -164,56 +165,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Scalar maths (T = at::opmath_type<scalar_t>: float for float32/half/bfloat16, double for double)
 
-// exp and tanh for the float compute path (float32, and half/bfloat16 computed in float), written
-// with integer masks instead of branches or float compares so that the inner loops vectorise
-// (std::exp/std::tanh on float do not); about 1-2 ulp, like the vectorised eager kernels.
-// Double keeps std::.
-
-// Branch-free helpers on the float bit pattern (integer compares and masks only).
-inline int32_t float_bits(float v) { return std::bit_cast<int32_t>(v); }
-inline float bits_float(int32_t b) { return std::bit_cast<float>(b); }
-// a where mask is all ones, b where mask is zero
-inline float select_bits(int32_t mask, float a, float b) {
-  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
-}
-// all ones where |v| > limit (limit >= 0, finite; NaN counts as greater)
-inline int32_t magnitude_above(float v, float limit) {
-  return -static_cast<int32_t>((float_bits(v) & 0x7fffffff) > float_bits(limit));
-}
-
-inline float exp_approx(float v) {
-  // exp(v) = 2^n exp(r), n = round(v / ln 2), |r| <= ln 2 / 2; degree-6 polynomial for exp(r).
-  // |v| is clamped to 87 (results saturate near 6e37 and 1.6e-38); NaN propagates.
-  const int32_t is_nan = -static_cast<int32_t>((float_bits(v) & 0x7fffffff) > 0x7f800000);
-  const float w = select_bits(magnitude_above(v, 87.0f), std::copysign(87.0f, v), v);
-  const float n = (w * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (w - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = p * (r * r) + r + 1.0f;
-  const float result = er * bits_float((static_cast<int32_t>(n) + 127) << 23);
-  return select_bits(is_nan, v, result);
-}
-
-inline float tanh_approx(float v) {
-  // |v| < 0.625: odd polynomial; else sign(v) (1 - 2 / (exp(2|v|) + 1)); NaN propagates
-  const float z = v * v;
-  float p = -5.70498872745e-3f;
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  const float small = p * z * v + v;
-  const float large = std::copysign(1.0f - 2.0f / (exp_approx(2.0f * std::fabs(v)) + 1.0f), v);
-  return select_bits(magnitude_above(v, 0.625f), large, small);
-}
-
-inline double exp_approx(double v) { return std::exp(v); }
-inline double tanh_approx(double v) { return std::tanh(v); }
+// exp_approx / tanh_approx (float: vectorisable approximations; double: std::) are in cpu_math.h.
 
 // The CPU maths policy of coupling_math.h: vectorisable float approximations, std:: for double.
 struct CpuMath {

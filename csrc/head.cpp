@@ -15,12 +15,18 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
+#include <cstdint>
 #include <functional>
+#include <limits>
+#include <memory>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
+#include "cpu_math.h"
 
 namespace msflow_fast {
 namespace {
@@ -50,7 +56,7 @@ double sum_squares(const scalar_t* x, int64_t n) {
   return total;
 }
 
-// Mean of the k largest of values[0:n] (values is reordered), summed in double.
+// Mean of the k largest of values[0:n] (values is reordered), summed in double. Used for double.
 template <typename acc_t>
 acc_t top_k_mean_inplace(acc_t* values, int64_t n, int64_t k) {
   std::nth_element(values, values + (k - 1), values + n, std::greater<acc_t>());
@@ -59,7 +65,115 @@ acc_t top_k_mean_inplace(acc_t* values, int64_t n, int64_t k) {
   return static_cast<acc_t>(total / static_cast<double>(k));
 }
 
-// align_corners=True source taps of one axis: out index d reads i0[d], i1[d] with weight w1[d] on i1.
+// ---------------------------------------------------------------------------------------------
+// Top-k mean of float values by radix selection on the bit patterns.
+//
+// The anomaly maps it runs on are >= 0 (1 - exp(L - max L) and max L - L), but any float is
+// handled: the key below orders every non-NaN float like `>` does (-0 just below +0, which
+// does not change a sum) and ranks every NaN above +inf, as torch.topk does (so a NaN among
+// the k largest makes the score NaN). Ties at the k-th value are filled with copies of it, so
+// the result is the mean of torch.topk's values (summed in double, in another order).
+
+// Order-preserving unsigned key of a float (see above); order_key_float inverts it (NaN -> NaN).
+inline uint32_t float_order_key(float v) {
+  const uint32_t b = std::bit_cast<uint32_t>(v);
+  const uint32_t key = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
+  return (b & 0x7fffffffu) > 0x7f800000u ? 0xffffffffu : key;
+}
+inline float order_key_float(uint32_t key) {
+  return std::bit_cast<float>((key & 0x80000000u) != 0 ? key ^ 0x80000000u : ~key);
+}
+
+constexpr int64_t kRadixBins = int64_t(1) << 16;  // one radix digit = 16 bits of the key
+constexpr int64_t kSortCandidates = 2048;         // boundary-bin size below which it is sorted
+
+struct TopKScratch {
+  std::unique_ptr<uint32_t[]> hist;  // [kRadixBins]
+  std::unique_ptr<uint32_t[]> cand;  // [n] keys of the boundary bin
+  explicit TopKScratch(int64_t n) : hist(new uint32_t[kRadixBins]), cand(new uint32_t[std::max<int64_t>(n, 1)]) {}
+  void clear() { std::fill(hist.get(), hist.get() + kRadixBins, 0u); }
+};
+
+// hist[high 16 bits of key(v)] += 1 for v in values[0:n]
+inline void top_k_histogram(const float* values, int64_t n, uint32_t* hist) {
+  for (int64_t i = 0; i < n; ++i) ++hist[float_order_key(values[i]) >> 16];
+}
+
+// Bin t of the k-th largest counted element (k >= 1, k <= total count): count(bins > t) < k
+// <= count(bins >= t). Returns t and sets above = count(bins > t).
+inline int64_t boundary_bin(const uint32_t* hist, int64_t k, int64_t& above) {
+  int64_t t = kRadixBins - 1;
+  above = 0;
+  while (above + hist[t] < k) above += hist[t--];
+  return t;
+}
+
+// Mean of the k largest of values[0:n] (1 <= k <= n), given the first-digit histogram of values
+// in scratch.hist (overwritten).
+inline float top_k_mean_from_histogram(const float* values, int64_t n, int64_t k, TopKScratch& scratch) {
+  uint32_t* hist = scratch.hist.get();
+  uint32_t* cand = scratch.cand.get();
+  int64_t above = 0;
+  const uint32_t t = static_cast<uint32_t>(boundary_bin(hist, k, above));
+  // Sum of the values whose high digit is above t (vectorised, 8 double lanes) ...
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = values[i + l];
+      lanes[l] += (float_order_key(v) >> 16) > t ? static_cast<double>(v) : 0.0;
+    }
+  }
+  double total = 0.0;
+  for (; i < n; ++i) total += (float_order_key(values[i]) >> 16) > t ? static_cast<double>(values[i]) : 0.0;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  // ... and the keys in bin t (branch-free compaction).
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t key = float_order_key(values[j]);
+    cand[m] = key;
+    m += (key >> 16) == t;
+  }
+  const int64_t need = k - above;  // 1 <= need <= m
+  if (m <= kSortCandidates) {
+    std::nth_element(cand, cand + (need - 1), cand + m, std::greater<uint32_t>());
+    for (int64_t j = 0; j < need; ++j) total += static_cast<double>(order_key_float(cand[j]));
+  } else {
+    // Second digit (the low 16 bits) on the candidates: exact keys, ties filled at the boundary.
+    std::fill(hist, hist + kRadixBins, 0u);
+    for (int64_t j = 0; j < m; ++j) ++hist[cand[j] & 0xffffu];
+    int64_t above2 = 0;
+    const uint32_t t2 = static_cast<uint32_t>(boundary_bin(hist, need, above2));
+    for (int64_t j = 0; j < m; ++j) {
+      total += (cand[j] & 0xffffu) > t2 ? static_cast<double>(order_key_float(cand[j])) : 0.0;
+    }
+    total += static_cast<double>(need - above2) * static_cast<double>(order_key_float((t << 16) | t2));
+  }
+  return static_cast<float>(total / static_cast<double>(k));
+}
+
+// Dispatch of the image top-k on acc_t: radix selection (float, histogram built row by row with
+// top_k_add_row after scratch->clear()) or nth_element (double; values is reordered).
+template <typename acc_t>
+inline void top_k_add_row(const acc_t* row, int64_t n, TopKScratch* scratch) {
+  if constexpr (std::is_same_v<acc_t, float>) top_k_histogram(row, n, scratch->hist.get());
+}
+
+template <typename acc_t>
+inline acc_t top_k_mean_image(acc_t* values, int64_t n, int64_t k, TopKScratch* scratch) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return top_k_mean_from_histogram(values, n, k, *scratch);
+  } else {
+    return top_k_mean_inplace(values, n, k);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bilinear upsampling (align_corners=True), separable: each scale's rows are first upsampled
+// along x (small: h rows of W), then each output row is a two-tap blend of those rows.
+
+// Source taps of one axis: out index d reads i0[d], i1[d] with weights w0[d], w1[d].
 template <typename acc_t>
 struct LinearTaps {
   std::vector<int64_t> i0, i1;
@@ -87,100 +201,102 @@ LinearTaps<acc_t> linear_taps(int64_t in_size, int64_t out_size) {
 }
 
 template <typename acc_t>
-struct ScaleMaps {
+struct Scale {
   at::Tensor logp;  // [B, h, w] in acc_t, contiguous
-  at::Tensor prob;  // [B, h, w] exp(logp - max logp), per image; undefined when not needed
   int64_t h, w;
+  int64_t row_offset;  // first row of this scale in the per-image x-upsampled buffers
   LinearTaps<acc_t> rows, cols;
 };
 
-// Per-scale pre-pass on the small maps: acc_t copies, per-image max and exp(logp - max).
 template <typename acc_t>
-std::vector<ScaleMaps<acc_t>> prepare_scales(at::TensorList maps, int64_t H, int64_t W, bool with_prob) {
-  std::vector<ScaleMaps<acc_t>> scales;
+std::vector<Scale<acc_t>> prepare_scales(at::TensorList maps, int64_t H, int64_t W, int64_t& total_rows) {
+  std::vector<Scale<acc_t>> scales;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  total_rows = 0;
   for (const auto& m : maps) {
-    ScaleMaps<acc_t> s;
+    Scale<acc_t> s;
     s.logp = m.to(acc_dtype).contiguous();
-    const int64_t B = m.size(0);
     s.h = m.size(1);
     s.w = m.size(2);
+    s.row_offset = total_rows;
+    total_rows += s.h;
     s.rows = linear_taps<acc_t>(s.h, H);
     s.cols = linear_taps<acc_t>(s.w, W);
-    if (with_prob) {
-      s.prob = at::empty_like(s.logp);
-      const acc_t* lp = s.logp.template data_ptr<acc_t>();
-      acc_t* pr = s.prob.template data_ptr<acc_t>();
-      const int64_t n = s.h * s.w;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-          const acc_t* x = lp + b * n;
-          acc_t mx = x[0];
-          for (int64_t i = 1; i < n; ++i) mx = std::max(mx, x[i]);
-          for (int64_t i = 0; i < n; ++i) pr[b * n + i] = std::exp(x[i] - mx);
-        }
-      });
-    }
     scales.push_back(std::move(s));
   }
   return scales;
 }
 
-// Adds the bilinear interpolation of map [h, w] (image b) at output row y into row[0:W].
+// Maximum of x[0:n] (n >= 1), 16 independent lanes.
 template <typename acc_t>
-inline void add_upsampled_row(const acc_t* map, const ScaleMaps<acc_t>& s, int64_t y, int64_t W, acc_t* row) {
-  const acc_t* r0 = map + s.rows.i0[y] * s.w;
-  const acc_t* r1 = map + s.rows.i1[y] * s.w;
-  const acc_t h0 = s.rows.w0[y], h1 = s.rows.w1[y];
-  const int64_t* c0 = s.cols.i0.data();
-  const int64_t* c1 = s.cols.i1.data();
-  const acc_t* w0 = s.cols.w0.data();
-  const acc_t* w1 = s.cols.w1.data();
-  for (int64_t x = 0; x < W; ++x) {
-    row[x] += h0 * (w0[x] * r0[c0[x]] + w1[x] * r0[c1[x]]) + h1 * (w0[x] * r1[c0[x]] + w1[x] * r1[c1[x]]);
+acc_t max_of(const acc_t* x, int64_t n) {
+  constexpr int kLanes = 16;
+  acc_t result = x[0];
+  int64_t i = 0;
+  if (n >= kLanes) {
+    acc_t lanes[kLanes];
+    for (int l = 0; l < kLanes; ++l) lanes[l] = x[l];
+    for (i = kLanes; i + kLanes <= n; i += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lanes[l] = lanes[l] < x[i + l] ? x[i + l] : lanes[l];
+    }
+    for (int l = 0; l < kLanes; ++l) result = std::max(result, lanes[l]);
   }
+  for (; i < n; ++i) result = std::max(result, x[i]);
+  return result;
 }
 
-// Fused pass: sum_prob (optional) and sum_log [B, H*W] with per-image maxima.
+// Per-thread buffers of the image pipeline.
 template <typename acc_t>
-void sum_upsampled(const std::vector<ScaleMaps<acc_t>>& scales, int64_t B, int64_t H, int64_t W, acc_t* sum_prob,
-                   acc_t* sum_log, std::vector<acc_t>& max_prob, std::vector<acc_t>& max_log) {
-  std::vector<acc_t> row_max_prob(B * H), row_max_log(B * H);
-  at::parallel_for(0, B * H, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / H, y = r % H;
-      acc_t* lrow = sum_log + r * W;
-      std::fill(lrow, lrow + W, acc_t(0));
-      for (const auto& s : scales) add_upsampled_row(s.logp.template data_ptr<acc_t>() + b * s.h * s.w, s, y, W, lrow);
-      row_max_log[r] = *std::max_element(lrow, lrow + W);
-      if (sum_prob != nullptr) {
-        acc_t* prow = sum_prob + r * W;
-        std::fill(prow, prow + W, acc_t(0));
-        for (const auto& s : scales) add_upsampled_row(s.prob.template data_ptr<acc_t>() + b * s.h * s.w, s, y, W, prow);
-        row_max_prob[r] = *std::max_element(prow, prow + W);
+struct ImageBuffers {
+  std::vector<acc_t> xlog, xprob;  // [total_rows, W] rows upsampled along x
+  std::vector<acc_t> src_prob;     // [max w] exp(logp - max logp) of one source row
+  ImageBuffers(int64_t total_rows, int64_t W, int64_t max_w, bool with_prob)
+      : xlog(total_rows * W), xprob(with_prob ? total_rows * W : 0), src_prob(with_prob ? max_w : 0) {}
+};
+
+template <typename acc_t>
+inline void upsample_x(const acc_t* src, const LinearTaps<acc_t>& cols, int64_t W, acc_t* out) {
+  const int64_t* c0 = cols.i0.data();
+  const int64_t* c1 = cols.i1.data();
+  const acc_t* w0 = cols.w0.data();
+  const acc_t* w1 = cols.w1.data();
+  for (int64_t x = 0; x < W; ++x) out[x] = w0[x] * src[c0[x]] + w1[x] * src[c1[x]];
+}
+
+// Fills buf.xlog (and buf.xprob: exp(logp - max logp), per scale) for image b.
+template <typename acc_t>
+void upsample_image_x(const std::vector<Scale<acc_t>>& scales, int64_t b, int64_t W, ImageBuffers<acc_t>& buf) {
+  const bool with_prob = !buf.xprob.empty();
+  for (const auto& s : scales) {
+    const acc_t* x = s.logp.template data_ptr<acc_t>() + b * s.h * s.w;
+    const acc_t mx = with_prob ? max_of(x, s.h * s.w) : acc_t(0);
+    for (int64_t i = 0; i < s.h; ++i) {
+      const acc_t* row = x + i * s.w;
+      upsample_x(row, s.cols, W, buf.xlog.data() + (s.row_offset + i) * W);
+      if (with_prob) {
+        acc_t* pr = buf.src_prob.data();
+        for (int64_t j = 0; j < s.w; ++j) pr[j] = exp_approx(row[j] - mx);
+        upsample_x(static_cast<const acc_t*>(pr), s.cols, W, buf.xprob.data() + (s.row_offset + i) * W);
       }
     }
-  });
-  max_prob.assign(B, acc_t(0));
-  max_log.assign(B, acc_t(0));
-  for (int64_t b = 0; b < B; ++b) {
-    max_log[b] = *std::max_element(row_max_log.begin() + b * H, row_max_log.begin() + (b + 1) * H);
-    if (sum_prob != nullptr) {
-      max_prob[b] = *std::max_element(row_max_prob.begin() + b * H, row_max_prob.begin() + (b + 1) * H);
-    }
   }
 }
 
-template <typename scalar_t>
-void top_k_mean_rows(const scalar_t* values, int64_t B, int64_t N, int64_t k, scalar_t* out) {
-  using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> buffer(N);
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t i = 0; i < N; ++i) buffer[i] = static_cast<acc_t>(values[b * N + i]);
-      out[b] = static_cast<scalar_t>(top_k_mean_inplace(buffer.data(), N, k));
+// out[0:W] = sum over scales of the y-blend of the x-upsampled rows (xrows) at output row y.
+template <typename acc_t>
+inline void sum_row(const std::vector<Scale<acc_t>>& scales, const acc_t* xrows, int64_t y, int64_t W, acc_t* out) {
+  bool first = true;
+  for (const auto& s : scales) {
+    const acc_t* r0 = xrows + (s.row_offset + s.rows.i0[y]) * W;
+    const acc_t* r1 = xrows + (s.row_offset + s.rows.i1[y]) * W;
+    const acc_t h0 = s.rows.w0[y], h1 = s.rows.w1[y];
+    if (first) {
+      for (int64_t x = 0; x < W; ++x) out[x] = h0 * r0[x] + h1 * r1[x];
+    } else {
+      for (int64_t x = 0; x < W; ++x) out[x] += h0 * r0[x] + h1 * r1[x];
     }
-  });
+    first = false;
+  }
 }
 
 }  // namespace
@@ -361,6 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
                                                                                double top_k) {
   check_head_maps(maps, output_size, top_k);
   const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1], N = H * W;
+  const int64_t k = head_top_k_count(N, top_k);
   const auto options = maps[0].options();
   at::Tensor map_add = new_output({B, H, W}, options);
   at::Tensor map_mul = new_output({B, H, W}, options);
@@ -368,22 +485,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps[0].scalar_type(), "aggregate_anomaly_maps_fwd_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto scales = prepare_scales<acc_t>(maps, H, W, /*with_prob=*/true);
-    std::vector<acc_t> sum_prob(B * N), sum_log(B * N), max_prob, max_log;
-    sum_upsampled(scales, B, H, W, sum_prob.data(), sum_log.data(), max_prob, max_log);
+    constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;  // float32 / float64: sums built in the outputs
+    constexpr bool kFloat = std::is_same_v<acc_t, float>;         // radix top-k (else nth_element, double)
+    int64_t total_rows = 0, max_w = 1;
+    const auto scales = prepare_scales<acc_t>(maps, H, W, total_rows);
+    for (const auto& s : scales) max_w = std::max(max_w, s.w);
     scalar_t* add = map_add.data_ptr<scalar_t>();
     scalar_t* mul = map_mul.data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, 8, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / H;
-        const acc_t ms = max_prob[b], ml = max_log[b];
-        for (int64_t i = r * W; i < (r + 1) * W; ++i) {
-          add[i] = static_cast<scalar_t>(ms - sum_prob[i]);
-          mul[i] = static_cast<scalar_t>(acc_t(1) - std::exp(sum_log[i] - ml));  // max_P = exp(0) = 1
+    scalar_t* sp = score.data_ptr<scalar_t>();
+    // One image per task: x-upsampled rows, row sums with maxima, maps, then the top-k mean,
+    // all on per-thread buffers that stay in cache.
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      ImageBuffers<acc_t> buf(total_rows, W, max_w, /*with_prob=*/true);
+      std::unique_ptr<acc_t[]> own_prob(kSameType ? nullptr : new acc_t[N]);
+      std::unique_ptr<acc_t[]> own_log(kSameType && kFloat ? nullptr : new acc_t[N]);
+      std::unique_ptr<TopKScratch> topk(kFloat ? new TopKScratch(N) : nullptr);
+      for (int64_t b = b0; b < b1; ++b) {
+        scalar_t* add_b = add + b * N;
+        scalar_t* mul_b = mul + b * N;
+        acc_t* sum_prob = kSameType ? reinterpret_cast<acc_t*>(add_b) : own_prob.get();
+        acc_t* sum_log = kSameType ? reinterpret_cast<acc_t*>(mul_b) : own_log.get();
+        upsample_image_x(scales, b, W, buf);
+        acc_t max_prob = std::numeric_limits<acc_t>::lowest(), max_log = max_prob;
+        for (int64_t y = 0; y < H; ++y) {
+          sum_row(scales, buf.xprob.data(), y, W, sum_prob + y * W);
+          sum_row(scales, buf.xlog.data(), y, W, sum_log + y * W);
+          max_prob = std::max(max_prob, max_of(sum_prob + y * W, W));
+          max_log = std::max(max_log, max_of(sum_log + y * W, W));
+        }
+        // map_add = max S - S; map_mul = max P - P = 1 - exp(L - max L). The float top-k reads
+        // map_mul as rounded to scalar_t: in place (float32) or in sum_log (half, bfloat16).
+        acc_t* rounded_mul = kSameType ? reinterpret_cast<acc_t*>(mul_b) : sum_log;
+        if constexpr (kFloat) topk->clear();
+        for (int64_t y = 0; y < H; ++y) {
+          for (int64_t i = y * W; i < (y + 1) * W; ++i) {
+            add_b[i] = static_cast<scalar_t>(max_prob - sum_prob[i]);
+            const scalar_t m = static_cast<scalar_t>(acc_t(1) - exp_approx(sum_log[i] - max_log));
+            mul_b[i] = m;
+            if constexpr (!kSameType) rounded_mul[i] = static_cast<acc_t>(m);
+          }
+          if constexpr (kFloat) top_k_add_row(rounded_mul + y * W, W, topk.get());
+        }
+        if constexpr (kFloat) {
+          sp[b] = static_cast<scalar_t>(top_k_mean_image(rounded_mul, N, k, topk.get()));
+        } else {
+          std::copy(mul_b, mul_b + N, own_log.get());
+          sp[b] = static_cast<scalar_t>(top_k_mean_image(own_log.get(), N, k, topk.get()));
         }
       }
     });
-    top_k_mean_rows(mul, B, N, head_top_k_count(N, top_k), score.data_ptr<scalar_t>());
   });
   return {map_add, map_mul, score};
 }
@@ -391,19 +541,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
 at::Tensor log_space_score_fwd_cpu(at::TensorList maps, at::IntArrayRef output_size, double top_k) {
   check_head_maps(maps, output_size, top_k);
   const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1], N = H * W;
+  const int64_t k = head_top_k_count(N, top_k);
   at::Tensor score = new_output({B}, maps[0].options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps[0].scalar_type(), "log_space_score_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto scales = prepare_scales<acc_t>(maps, H, W, /*with_prob=*/false);
-    std::vector<acc_t> sum_log(B * N), max_prob, max_log;
-    sum_upsampled(scales, B, H, W, static_cast<acc_t*>(nullptr), sum_log.data(), max_prob, max_log);
-    const int64_t k = head_top_k_count(N, top_k);
+    constexpr bool kFloat = std::is_same_v<acc_t, float>;
+    int64_t total_rows = 0;
+    const auto scales = prepare_scales<acc_t>(maps, H, W, total_rows);
     scalar_t* sp = score.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      ImageBuffers<acc_t> buf(total_rows, W, 1, /*with_prob=*/false);
+      std::unique_ptr<acc_t[]> gap(new acc_t[N]);
+      std::unique_ptr<TopKScratch> topk(kFloat ? new TopKScratch(N) : nullptr);
       for (int64_t b = b0; b < b1; ++b) {
-        acc_t* gap = sum_log.data() + b * N;
-        for (int64_t i = 0; i < N; ++i) gap[i] = max_log[b] - gap[i];
-        sp[b] = static_cast<scalar_t>(top_k_mean_inplace(gap, N, k));
+        upsample_image_x(scales, b, W, buf);
+        acc_t max_log = std::numeric_limits<acc_t>::lowest();
+        for (int64_t y = 0; y < H; ++y) {
+          sum_row(scales, buf.xlog.data(), y, W, gap.get() + y * W);
+          max_log = std::max(max_log, max_of(gap.get() + y * W, W));
+        }
+        if constexpr (kFloat) topk->clear();
+        for (int64_t y = 0; y < H; ++y) {
+          acc_t* row = gap.get() + y * W;
+          for (int64_t x = 0; x < W; ++x) row[x] = max_log - row[x];
+          if constexpr (kFloat) top_k_add_row(row, W, topk.get());
+        }
+        sp[b] = static_cast<scalar_t>(top_k_mean_image(gap.get(), N, k, topk.get()));
       }
     });
   });
