@@ -50,6 +50,15 @@ def nan_poisoned_empty(monkeypatch):
 
 
 @pytest.fixture
+def float64_default():
+    """Make float64 the default dtype for one test (Jacobian and exact-maths tests)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
 def device() -> torch.device:
     return DEVICE
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -34,3 +35,18 @@ def assert_close_to_reference(
     err, err_eager = max_abs_err(actual, exact), max_abs_err(eager, exact)
     bound = ratio * err_eager + atol * max(1.0, scale)
     assert err <= bound, f"{name}: max error {err:.3e} > {ratio} x eager error {err_eager:.3e} + atol (bound {bound:.3e})"
+
+
+class TinyBackbone(nn.Module):
+    """Three feature maps at strides 4 / 8 / 16 with 8 / 16 / 32 channels (batch norm included, to test eval mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        a = self.stem(x)
+        b = self.layer2(a)
+        return [a, b, self.layer3(b)]

@@ -15,6 +15,7 @@ import FrEIA.framework as Ff
 import FrEIA.modules as Fm
 
 import msflow_fast
+from helpers import TinyBackbone
 from msflow_fast import MSFlow, MSFlowConfig, ops
 from msflow_fast.model import (
     FeatureExtractor,
@@ -31,21 +32,6 @@ from msflow_fast.nn import FusionCouplingLayer, FusionFlow, ParallelFlows, subne
 
 CHANNELS = (8, 16, 32)
 SMALL = dict(c_cond=8, parallel_blocks=(1, 2, 2), pretrained=False)
-
-
-class TinyBackbone(nn.Module):
-    """Three maps at strides 4 / 8 / 16 with 8 / 16 / 32 channels (with batch norm, to test eval mode)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.BatchNorm2d(8), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
-        self.layer3 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
-
-    def forward(self, x):
-        a = self.stem(x)
-        b = self.layer2(a)
-        return [a, b, self.layer3(b)]
 
 
 def _model(**overrides) -> MSFlow:

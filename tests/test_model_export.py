@@ -9,25 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import TinyBackbone
 from msflow_fast import MSFlow, ops
 from msflow_fast.model import PredictModule, export_onnx, export_predict
 
 SMALL = dict(c_cond=8, parallel_blocks=(1, 2, 2), pretrained=False)
-
-
-class TinyBackbone(nn.Module):
-    """Three maps at strides 4 / 8 / 16 with 8 / 16 / 32 channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 4, 1), nn.BatchNorm2d(8), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.ReLU())
-        self.layer3 = nn.Sequential(nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU())
-
-    def forward(self, x):
-        a = self.stem(x)
-        b = self.layer2(a)
-        return [a, b, self.layer3(b)]
 
 
 def _model(**overrides) -> MSFlow:

@@ -23,12 +23,7 @@ from msflow_fast import ops
 GRIDS = [(4, 4), (2, 2), (1, 1)]
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _inputs(channels, grids=GRIDS, batch=1):

@@ -12,12 +12,7 @@ from msflow_fast.ops import reference as ref
 
 
 
-@pytest.fixture(autouse=True)
-def _float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def _jacobian_logdet(fn, x: torch.Tensor) -> torch.Tensor:
