@@ -1,11 +1,10 @@
-"""Command line: ``msflow-fast train | eval | predict | demo``.
+"""Command line: ``msflow-fast train | eval | predict | demo | bench``.
 
 Every :class:`msflow_fast.model.MSFlowConfig` field is a flag of ``train`` and ``demo``
 (``--input-size 256``, ``--parallel-blocks 2 5 8``, ``--clamp-alpha 1.9``, booleans as
 ``--name/--no-name``, ``none`` for optional values); the flags are generated from the dataclass.
 
-Subcommands live in ``COMMANDS`` (name -> (help, add_arguments, run)); a new one (for example a
-benchmark runner) is one more entry.
+Subcommands live in ``COMMANDS`` (name -> (help, add_arguments, run)); a new one is one more entry.
 """
 
 from __future__ import annotations
@@ -458,6 +457,25 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Every other argument goes to the benchmark runner, e.g. `msflow-fast bench --suite kernels --device cpu`; "
+        "its options: `python -m benchmarks.run --help`."
+    )
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    # The benchmark suite lives beside the package in a source checkout (benchmarks/), not in it.
+    try:
+        from benchmarks import run as benchmark_run
+    except ImportError as exc:
+        raise RuntimeError(
+            "msflow-fast bench runs the benchmark suite of a source checkout: run it from the repository "
+            f"root, where benchmarks/ is ({exc})"
+        ) from exc
+    return benchmark_run.main(args.bench_args)
+
+
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
@@ -467,6 +485,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "eval": ("evaluate a checkpoint on a test split: image AUROC, pixel AUROC, AUPRO", _add_eval, _run_eval),
     "predict": ("score images and write heat-map overlays (PNG) and scores.csv", _add_predict, _run_predict),
     "demo": ("generate a synthetic defect dataset, train a small model on CPU, evaluate, write heat maps", _add_demo, _run_demo),
+    "bench": ("run the kernel, block and end-to-end benchmarks (from a source checkout)", _add_bench, _run_bench),
 }
 
 
@@ -489,7 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (errors print one line and give 2)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     run = COMMANDS[args.command][2]
     try:
         return run(args)

@@ -190,3 +190,25 @@ def test_real_msflow_demo_console_script(tmp_path):
     assert "image AUROC" in proc.stdout and "pixel AUROC" in proc.stdout and "AUPRO" in proc.stdout
     assert (tmp_path / "run" / "metrics.json").is_file() and (tmp_path / "run" / "last.pt").is_file()
     assert len(list((tmp_path / "run" / "heatmaps").glob("*.png"))) == 4
+
+
+def test_bench_runs_the_benchmark_suite_and_writes_tables(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the source checkout holding benchmarks/
+    status = cli.main(
+        ["bench", "--suite", "kernels", "--ops", "gaussian_nll", "--batch", "1", "--no-compile",
+         "--min-run-time", "0.01", "--out", str(tmp_path), "--name", "smoke"]
+    )
+    assert status == 0
+    rows = list(csv.DictReader((tmp_path / "smoke.csv").open()))
+    assert {r["provider"] for r in rows} >= {"reference"} and {r["op"] for r in rows} == {"gaussian_nll"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert "| gaussian_nll |" in (tmp_path / "smoke.md").read_text()
+
+
+def test_bench_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parents[1]])
+    monkeypatch.delitem(sys.modules, "benchmarks", raising=False)
+    monkeypatch.delitem(sys.modules, "benchmarks.run", raising=False)
+    assert cli.main(["bench", "--suite", "kernels"]) == 2
+    assert "source checkout" in capsys.readouterr().err
