@@ -148,19 +148,12 @@ def _global_scale(gamma, AFFINE_TYPE: tl.constexpr):
 
 
 @triton.jit
-def _affine_coupling_fwd_kernel(
-    x_ptr,
-    a_ptr,
-    y_ptr,
-    logdet_partial_ptr,
-    M,
-    NUM_BLOCKS,
-    CLAMP: tl.constexpr,
-    CLAMP_FORM: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _affine_coupling_block(
+    x_ptr, a_ptr, y_ptr, logdet_partial_ptr, M, NUM_BLOCKS,
+    CLAMP: tl.constexpr, CLAMP_FORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
-    # y = x * exp(s) + t; partial log-det = sum s over the block (one sample, M = C * N elements).
+    # y = x * exp(s) + t (or (x - t) * exp(-s)); partial log-det = +-sum s over the block (M = C * N per sample).
     pid_m = tl.program_id(0)
     pid_b = tl.program_id(1)
     offs = pid_m * BLOCK + tl.arange(0, BLOCK)
@@ -172,41 +165,36 @@ def _affine_coupling_fwd_kernel(
     a_t = tl.load(a_ptr + a_base + M + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
     s, _ = _soft_clamp(a_s, CLAMP, CLAMP_FORM)
     t = _shift(a_t, CLAMP_FORM)
-    y = x * tl.exp(s) + t
+    if REVERSE:
+        y = (x - t) * tl.exp(-s)
+        partial = -tl.sum(tl.where(mask, s, 0.0), axis=0)
+    else:
+        y = x * tl.exp(s) + t
+        partial = tl.sum(tl.where(mask, s, 0.0), axis=0)
     tl.store(y_ptr + x_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    partial = tl.sum(tl.where(mask, s, 0.0), axis=0)
     tl.store(logdet_partial_ptr + pid_b * NUM_BLOCKS + pid_m, partial.to(logdet_partial_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _affine_coupling_inv_kernel(
-    x_ptr,
-    a_ptr,
-    y_ptr,
-    logdet_partial_ptr,
-    M,
-    NUM_BLOCKS,
-    CLAMP: tl.constexpr,
-    CLAMP_FORM: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+def _affine_coupling_fwd_kernel(
+    x_ptr, a_ptr, y_ptr, logdet_partial_ptr, M, NUM_BLOCKS,
+    CLAMP: tl.constexpr, CLAMP_FORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # y = (x - t) * exp(-s); partial log-det = -sum s over the block.
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    offs = pid_m * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M
-    x_base = pid_b.to(tl.int64) * M
-    a_base = x_base * 2
-    x = tl.load(x_ptr + x_base + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    a_s = tl.load(a_ptr + a_base + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    a_t = tl.load(a_ptr + a_base + M + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    s, _ = _soft_clamp(a_s, CLAMP, CLAMP_FORM)
-    t = _shift(a_t, CLAMP_FORM)
-    y = (x - t) * tl.exp(-s)
-    tl.store(y_ptr + x_base + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
-    partial = -tl.sum(tl.where(mask, s, 0.0), axis=0)
-    tl.store(logdet_partial_ptr + pid_b * NUM_BLOCKS + pid_m, partial.to(logdet_partial_ptr.dtype.element_ty))
+    # y = x * exp(s) + t
+    _affine_coupling_block(
+        x_ptr, a_ptr, y_ptr, logdet_partial_ptr, M, NUM_BLOCKS, CLAMP, CLAMP_FORM, COMPUTE_DTYPE, BLOCK, False
+    )
+
+
+@triton.jit
+def _affine_coupling_inv_kernel(
+    x_ptr, a_ptr, y_ptr, logdet_partial_ptr, M, NUM_BLOCKS,
+    CLAMP: tl.constexpr, CLAMP_FORM: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # y = (x - t) * exp(-s)
+    _affine_coupling_block(
+        x_ptr, a_ptr, y_ptr, logdet_partial_ptr, M, NUM_BLOCKS, CLAMP, CLAMP_FORM, COMPUTE_DTYPE, BLOCK, True
+    )
 
 
 @triton.jit
@@ -260,21 +248,13 @@ def _affine_coupling_bwd_kernel(
 
 
 @triton.jit
-def _global_affine_permute_fwd_kernel(
-    x_ptr,
-    global_scale_ptr,
-    global_offset_ptr,
-    perm_ptr,
-    y_ptr,
-    logdet_partial_ptr,
-    C,
-    N,
-    AFFINE_TYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _global_affine_permute_tile(
+    x_ptr, global_scale_ptr, global_offset_ptr, perm_ptr, y_ptr, logdet_partial_ptr, C, N,
+    AFFINE_TYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
-    # y[:, i] = x[:, p] * g[p] + b[p]; partial log-det = sum_{i in tile} log g[p] (times N in the launcher).
+    # forward: y[:, i] = x[:, p] * g[p] + b[p] (gather); reverse: y[:, p] = (x[:, i] - b[p]) / g[p] (scatter),
+    # p = perm[i]; partial log-det = +-sum_{i in tile} log g[p] (times N in the launcher).
     pid_n = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2)
@@ -287,48 +267,42 @@ def _global_affine_permute_fwd_kernel(
     bias = tl.load(global_offset_ptr + p, mask=mask_c, other=0.0).to(COMPUTE_DTYPE)
     g, logg, _ = _global_scale(gamma, AFFINE_TYPE)
     base = pid_b.to(tl.int64) * C * N
-    x = tl.load(x_ptr + base + p[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    y = x * g[:, None] + bias[:, None]
-    tl.store(y_ptr + base + offs_c[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    partial = tl.sum(tl.where(mask_c, logg, 0.0), axis=0)
+    gathered = base + p[:, None] * N + offs_n[None, :]
+    in_order = base + offs_c[:, None] * N + offs_n[None, :]
+    if REVERSE:
+        x = tl.load(x_ptr + in_order, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        tl.store(y_ptr + gathered, ((x - bias[:, None]) / g[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        partial = -tl.sum(tl.where(mask_c, logg, 0.0), axis=0)
+    else:
+        x = tl.load(x_ptr + gathered, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        tl.store(y_ptr + in_order, (x * g[:, None] + bias[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+        partial = tl.sum(tl.where(mask_c, logg, 0.0), axis=0)
     first = (pid_n == 0) & (pid_b == 0)
     tl.store(logdet_partial_ptr + pid_c, partial.to(logdet_partial_ptr.dtype.element_ty), mask=first)
 
 
 @triton.jit
-def _global_affine_permute_inv_kernel(
-    x_ptr,
-    global_scale_ptr,
-    global_offset_ptr,
-    perm_ptr,
-    y_ptr,
-    logdet_partial_ptr,
-    C,
-    N,
-    AFFINE_TYPE: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+def _global_affine_permute_fwd_kernel(
+    x_ptr, global_scale_ptr, global_offset_ptr, perm_ptr, y_ptr, logdet_partial_ptr, C, N,
+    AFFINE_TYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # y[:, p] = (x[:, i] - b[p]) / g[p] (scatter by perm); partial log-det = -sum_{i in tile} log g[p].
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_c = offs_c < C
-    mask = mask_c[:, None] & (offs_n < N)[None, :]
-    p = tl.load(perm_ptr + offs_c, mask=mask_c, other=0)
-    gamma = tl.load(global_scale_ptr + p, mask=mask_c, other=0.0).to(COMPUTE_DTYPE)
-    bias = tl.load(global_offset_ptr + p, mask=mask_c, other=0.0).to(COMPUTE_DTYPE)
-    g, logg, _ = _global_scale(gamma, AFFINE_TYPE)
-    base = pid_b.to(tl.int64) * C * N
-    x = tl.load(x_ptr + base + offs_c[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(COMPUTE_DTYPE)
-    y = (x - bias[:, None]) / g[:, None]
-    tl.store(y_ptr + base + p[:, None] * N + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-    partial = -tl.sum(tl.where(mask_c, logg, 0.0), axis=0)
-    first = (pid_n == 0) & (pid_b == 0)
-    tl.store(logdet_partial_ptr + pid_c, partial.to(logdet_partial_ptr.dtype.element_ty), mask=first)
+    # y[:, i] = x[:, perm[i]] * g + b
+    _global_affine_permute_tile(
+        x_ptr, global_scale_ptr, global_offset_ptr, perm_ptr, y_ptr, logdet_partial_ptr, C, N,
+        AFFINE_TYPE, COMPUTE_DTYPE, BLOCK_C, BLOCK_N, False,
+    )
+
+
+@triton.jit
+def _global_affine_permute_inv_kernel(
+    x_ptr, global_scale_ptr, global_offset_ptr, perm_ptr, y_ptr, logdet_partial_ptr, C, N,
+    AFFINE_TYPE: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # y[:, perm[i]] = (x[:, i] - b) / g
+    _global_affine_permute_tile(
+        x_ptr, global_scale_ptr, global_offset_ptr, perm_ptr, y_ptr, logdet_partial_ptr, C, N,
+        AFFINE_TYPE, COMPUTE_DTYPE, BLOCK_C, BLOCK_N, True,
+    )
 
 
 @triton.jit
