@@ -24,6 +24,12 @@ at::ScalarType head_acc_dtype(at::ScalarType dtype);
 
 namespace {
 
+// Launches put the batch on gridDim.y, which CUDA caps at 65535.
+void check_batch_fits_grid(int64_t batch) {
+  TORCH_CHECK(batch <= 65535, "msflow_fast: the CUDA head kernels support at most 65535 images per call, got ", batch,
+              "; split the batch");
+}
+
 constexpr int kThreads = 256;
 constexpr int kSelectThreads = 1024;
 constexpr int kMaxScales = 4;
@@ -381,6 +387,7 @@ at::Tensor gaussian_nll_fwd_cuda(const at::Tensor& z, const at::Tensor& logdet) 
   const at::Tensor ld = logdet.to(acc_dtype).contiguous();
   at::Tensor out = new_output({B}, z.options().dtype(acc_dtype));
   if (B == 0) return out;
+  check_batch_fits_grid(B);
   const int64_t splits = std::max<int64_t>(1, ceil_div(N, kNllChunk));
   const int64_t chunk = std::max<int64_t>(1, ceil_div(N, splits));
   at::Tensor partial = at::empty({B, splits}, out.options());
@@ -466,6 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cuda(a
                                                                                 at::IntArrayRef output_size,
                                                                                 double top_k) {
   check_head_maps(maps, output_size, top_k);
+  check_batch_fits_grid(maps[0].size(0));
   const c10::cuda::CUDAGuard guard(maps[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1], N = H * W;
@@ -491,6 +499,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cuda(a
 
 at::Tensor log_space_score_fwd_cuda(at::TensorList maps, at::IntArrayRef output_size, double top_k) {
   check_head_maps(maps, output_size, top_k);
+  check_batch_fits_grid(maps[0].size(0));
   const c10::cuda::CUDAGuard guard(maps[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1], N = H * W;
