@@ -1,7 +1,7 @@
 // Float maths helpers shared by the CPU kernels (csrc/coupling.cpp, csrc/head.cpp).
 #pragma once
 
-#include <bit>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 
@@ -13,8 +13,16 @@ namespace msflow_fast {
 // Double keeps std::.
 
 // Branch-free helpers on the float bit pattern (integer compares and masks only).
-inline int32_t float_bits(float v) { return std::bit_cast<int32_t>(v); }
-inline float bits_float(int32_t b) { return std::bit_cast<float>(b); }
+// Bit casts through memcpy (C++17; compiles to a register move).
+template <typename To, typename From>
+inline To bit_copy(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_copy needs types of one size");
+  To out;
+  std::memcpy(&out, &v, sizeof(To));
+  return out;
+}
+inline int32_t float_bits(float v) { return bit_copy<int32_t>(v); }
+inline float bits_float(int32_t b) { return bit_copy<float>(b); }
 // a where mask is all ones, b where mask is zero
 inline float select_bits(int32_t mask, float a, float b) {
   return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));

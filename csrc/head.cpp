@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <functional>
@@ -76,12 +75,12 @@ acc_t top_k_mean_inplace(acc_t* values, int64_t n, int64_t k) {
 
 // Order-preserving unsigned key of a float (see above); order_key_float inverts it (NaN -> NaN).
 inline uint32_t float_order_key(float v) {
-  const uint32_t b = std::bit_cast<uint32_t>(v);
+  const uint32_t b = bit_copy<uint32_t>(v);
   const uint32_t key = b ^ (static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u);
   return (b & 0x7fffffffu) > 0x7f800000u ? 0xffffffffu : key;
 }
 inline float order_key_float(uint32_t key) {
-  return std::bit_cast<float>((key & 0x80000000u) != 0 ? key ^ 0x80000000u : ~key);
+  return bit_copy<float>((key & 0x80000000u) != 0 ? key ^ 0x80000000u : ~key);
 }
 
 constexpr int64_t kRadixBins = int64_t(1) << 16;  // one radix digit = 16 bits of the key
