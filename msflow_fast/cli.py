@@ -219,7 +219,7 @@ def _model_from_checkpoint(path: str | Path, device) -> tuple[Any, dict]:
     config = config_cls.from_dict(state["config"])
     names = {f.name for f in dataclasses.fields(config_cls)}
     # A "module" checkpoint holds every weight: never download pretrained backbone weights for it.
-    no_download = {n: False for n in ("pretrained", "backbone_pretrained") if n in names}
+    no_download = {n: False for n in ("pretrained",) if n in names}
     if no_download:
         config = dataclasses.replace(config, **no_download)
     model = load_checkpoint_state(msflow_cls(config), state)
@@ -333,7 +333,9 @@ def _train(args: argparse.Namespace) -> int:
     msflow_cls, config_cls = _model_api()
     out = Path(args.out) if args.out else Path("runs") / (args.category or Path(args.data).name)
     config = config_from_args(args, config_cls)
-    torch.manual_seed(args.seed)
+    from msflow_fast.engine import seed_everything
+
+    seed_everything(args.seed)
     if args.resume or args.checkpoint:
         from msflow_fast.engine import CHECKPOINT_NAME
 
@@ -442,7 +444,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     height, width = image_size_hw(size)
     data_root = write_synthetic_dataset(out / "data", "synthetic", num_train=args.num_train, num_test=args.num_test, input_size=height, seed=args.seed)
     print(f"synthetic dataset: {data_root} ({args.num_train} train, {args.num_test} test images, {height}x{width} px)")
-    torch.manual_seed(args.seed)
+    from msflow_fast.engine import seed_everything
+
+    seed_everything(args.seed)
     device = _device(args.device)
     model = msflow_cls(config)
     train_set = MVTecDataset(data_root, None, "train", input_size=size)

@@ -19,7 +19,7 @@ from .data import (
 )
 from .evaluate import evaluate, predict_folder
 from .metrics import aupro, auroc, image_auroc, pixel_auroc
-from .train import FitResult, OfficialSchedule, fit
+from .train import FitResult, OfficialSchedule, fit, seed_everything
 from .visualize import apply_colormap, overlay, save_overlay
 
 __all__ = [
@@ -45,5 +45,6 @@ __all__ = [
     "pixel_auroc",
     "predict_folder",
     "save_checkpoint",
+    "seed_everything",
     "write_synthetic_dataset",
 ]

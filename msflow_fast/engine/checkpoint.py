@@ -17,41 +17,21 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..model import checkpoint_state, read_checkpoint, versions, write_checkpoint
+from ..model import atomic_write, checkpoint_state, read_checkpoint, versions, write_checkpoint
 
 __all__ = ["CHECKPOINT_NAME", "atomic_write_bytes", "atomic_write_json", "load_checkpoint", "save_checkpoint", "versions"]
 
 CHECKPOINT_NAME = "last.pt"
 
 
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
-    return _atomic(Path(path), lambda f: f.write(data))
+    return Path(atomic_write(path, lambda f: f.write(data)))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import math
 import os
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
@@ -99,6 +102,14 @@ class _LossForward(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.loss(images)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG (flow permutations are drawn from it, as in
+    FrEIA 0.2) and torch (all devices), as the official training script does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -348,7 +359,7 @@ def fit(
 
 
 # Where the initial backbone weights came from does not change the model a checkpoint restores.
-_WEIGHT_SOURCE_KEYS = ("pretrained", "backbone_pretrained")
+_WEIGHT_SOURCE_KEYS = ("pretrained",)
 
 
 def _architecture(config: dict) -> dict:
@@ -356,11 +367,11 @@ def _architecture(config: dict) -> dict:
 
 
 def _wrap_ddp(loss_module: nn.Module, model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
-    """DDP around the loss; every tensor of the model state (frozen backbone included) starts as rank 0's."""
+    """DDP around the loss; every parameter and buffer (frozen backbone and the non-persistent
+    permutation indices included) starts as rank 0's."""
     with torch.no_grad():
-        for tensor in model.state_dict().values():
-            if isinstance(tensor, torch.Tensor):
-                torch.distributed.broadcast(tensor, src=0)
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            torch.distributed.broadcast(tensor, src=0)
     ddp = nn.parallel.DistributedDataParallel
     options: dict[str, Any] = {"find_unused_parameters": find_unused_parameters}
     # Buffers belong to the frozen extractor: synced once above, never per forward.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .checkpoint import (
+    atomic_write,
     check_checkpoint_state,
     checkpoint_state,
     convert_official_fusion_state,
@@ -22,6 +23,7 @@ from .msflow import FlowOutput, MSFlow
 from .positional import PositionalEncoding2d, positional_encoding_2d
 
 __all__ = [
+    "atomic_write",
     "FeatureExtractor",
     "FlowOutput",
     "MSFlow",

@@ -46,8 +46,8 @@ import platform
 import re
 import tempfile
 import zipfile
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -275,11 +275,11 @@ def check_checkpoint_state(state: object, source: str = "checkpoint") -> Mapping
     return state
 
 
-def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> str:
-    """``torch.save`` ``state`` to ``path`` atomically: readers see the old file or the new one, never a part.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
+    """Create or replace ``path`` so that readers see the old file or the new one, never a part.
 
-    The dict is written to a temporary file in the same folder (created if needed), flushed to
-    disk, then renamed over ``path``. Returns ``path`` as a string.
+    ``write(f)`` fills a temporary file in the same folder (created if needed); it is flushed to
+    disk, then renamed over ``path``. On any error the temporary file is removed. Returns ``path``.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -287,7 +287,7 @@ def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> str:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -296,6 +296,11 @@ def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> str:
             os.remove(tmp)
         raise
     return path
+
+
+def write_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> str:
+    """``torch.save`` ``state`` to ``path`` atomically (see :func:`atomic_write`). Returns ``path``."""
+    return atomic_write(path, lambda f: torch.save(dict(state), f))
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu") -> dict[str, Any]:

@@ -78,17 +78,6 @@ def _triton_runnable() -> bool:
     return True
 
 
-def _cpp_runnable(device: torch.device | None) -> bool:
-    from .._build import extension_info
-
-    info = extension_info()
-    if not info["loaded"]:
-        return False
-    if device is not None and device.type == "cuda":
-        return bool(info["cuda"])
-    return True
-
-
 def _why_unavailable(backend: str, op: str, device: torch.device) -> str | None:
     """``None`` if ``backend`` can run ``op`` on ``device``, else a sentence saying how to fix it."""
     if backend == "reference":
