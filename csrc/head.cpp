@@ -300,6 +300,31 @@ inline void sum_row(const std::vector<Scale<acc_t>>& scales, const acc_t* xrows,
 
 }  // namespace
 
+void check_per_sample(const at::Tensor& z, const at::Tensor& per_sample, const char* name) {
+  MSFLOW_CHECK_FLOAT(z);
+  TORCH_CHECK(at::isFloatingType(per_sample.scalar_type()), "msflow_fast: ", name, " must be floating, got ",
+              per_sample.scalar_type());
+  TORCH_CHECK(per_sample.dim() == 1, "msflow_fast: ", name, " must be 1-D, got shape ", per_sample.sizes());
+  TORCH_CHECK(per_sample.device() == z.device(), "msflow_fast: ", name, " is on ", per_sample.device(),
+              " but z is on ", z.device());
+  TORCH_CHECK(z.dim() >= 1 && z.size(0) == per_sample.size(0), "msflow_fast: ", name,
+              " must have shape [B] with B = z.size(0), got z ", z.sizes(), " and ", name, " ", per_sample.sizes());
+}
+
+void check_log_likelihood_map(const at::Tensor& z) {
+  MSFLOW_CHECK_FLOAT(z);
+  MSFLOW_CHECK_DIM(z, 4);
+}
+
+void check_log_likelihood_map_bwd(const at::Tensor& grad, const at::Tensor& z) {
+  MSFLOW_CHECK_FLOAT(grad);
+  check_log_likelihood_map(z);
+  MSFLOW_CHECK_DIM(grad, 3);
+  MSFLOW_CHECK_SAME_DEVICE(z, grad);
+  TORCH_CHECK(grad.size(0) == z.size(0) && grad.size(1) == z.size(2) && grad.size(2) == z.size(3),
+              "msflow_fast: grad must have shape [B, H, W] of z ", z.sizes(), ", got ", grad.sizes());
+}
+
 void check_head_maps(at::TensorList maps, at::IntArrayRef output_size, double top_k) {
   TORCH_CHECK(!maps.empty(), "msflow_fast: log_likelihood_maps is empty; pass at least one [B, h, w] map");
   TORCH_CHECK(output_size.size() == 2, "msflow_fast: output_size must be (H, W), got ", output_size);
@@ -336,12 +361,7 @@ at::ScalarType head_acc_dtype(at::ScalarType dtype) {
 // Gaussian NLL
 
 at::Tensor gaussian_nll_fwd_cpu(const at::Tensor& z, const at::Tensor& logdet) {
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_FLOAT(logdet);
-  MSFLOW_CHECK_DIM(logdet, 1);
-  MSFLOW_CHECK_SAME_DEVICE(z, logdet);
-  TORCH_CHECK(z.dim() >= 1 && z.size(0) == logdet.size(0), "msflow_fast: logdet must have shape [B] with B = z.size(0)",
-              ", got z ", z.sizes(), " and logdet ", logdet.sizes());
+  check_per_sample(z, logdet, "logdet");
   const int64_t B = z.size(0);
   const int64_t N = B > 0 ? z.numel() / B : 0;
   const auto acc_dtype = head_acc_dtype(z.scalar_type());
@@ -372,12 +392,7 @@ at::Tensor gaussian_nll_fwd_cpu(const at::Tensor& z, const at::Tensor& logdet) {
 }
 
 at::Tensor gaussian_nll_bwd_cpu(const at::Tensor& grad, const at::Tensor& z) {
-  MSFLOW_CHECK_FLOAT(grad);
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_DIM(grad, 1);
-  MSFLOW_CHECK_SAME_DEVICE(z, grad);
-  TORCH_CHECK(z.dim() >= 1 && z.size(0) == grad.size(0), "msflow_fast: grad must have shape [B] with B = z.size(0)",
-              ", got z ", z.sizes(), " and grad ", grad.sizes());
+  check_per_sample(z, grad, "grad");
   const int64_t B = z.size(0);
   const int64_t N = B > 0 ? z.numel() / B : 0;
   at::Tensor zc = z.contiguous();
@@ -405,8 +420,7 @@ at::Tensor gaussian_nll_bwd_cpu(const at::Tensor& grad, const at::Tensor& z) {
 // Log-likelihood map
 
 at::Tensor log_likelihood_map_fwd_cpu(const at::Tensor& z) {
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_DIM(z, 4);
+  check_log_likelihood_map(z);
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
   const auto acc_dtype = head_acc_dtype(z.scalar_type());
   at::Tensor zc = z.contiguous();
@@ -437,14 +451,8 @@ at::Tensor log_likelihood_map_fwd_cpu(const at::Tensor& z) {
 }
 
 at::Tensor log_likelihood_map_bwd_cpu(const at::Tensor& grad, const at::Tensor& z) {
-  MSFLOW_CHECK_FLOAT(grad);
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_DIM(z, 4);
-  MSFLOW_CHECK_DIM(grad, 3);
-  MSFLOW_CHECK_SAME_DEVICE(z, grad);
+  check_log_likelihood_map_bwd(grad, z);
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
-  TORCH_CHECK(grad.size(0) == B && grad.size(1) == H && grad.size(2) == W,
-              "msflow_fast: grad must have shape [B, H, W] of z ", z.sizes(), ", got ", grad.sizes());
   at::Tensor zc = z.contiguous();
   at::Tensor g = grad.to(head_acc_dtype(z.scalar_type())).contiguous();
   at::Tensor out = new_output(z.sizes(), zc.options());

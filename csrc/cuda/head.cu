@@ -18,6 +18,9 @@
 namespace msflow_fast {
 
 // Shared with csrc/head.cpp.
+void check_per_sample(const at::Tensor& z, const at::Tensor& per_sample, const char* name);
+void check_log_likelihood_map(const at::Tensor& z);
+void check_log_likelihood_map_bwd(const at::Tensor& grad, const at::Tensor& z);
 void check_head_maps(at::TensorList maps, at::IntArrayRef output_size, double top_k);
 int64_t head_top_k_count(int64_t num_pixels, double top_k);
 at::ScalarType head_acc_dtype(at::ScalarType dtype);
@@ -372,12 +375,7 @@ int launch_blocks(int64_t total) { return static_cast<int>(std::min<int64_t>(cei
 // --------------------------------------------------------------------------------- host functions
 
 at::Tensor gaussian_nll_fwd_cuda(const at::Tensor& z, const at::Tensor& logdet) {
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_FLOAT(logdet);
-  MSFLOW_CHECK_DIM(logdet, 1);
-  MSFLOW_CHECK_SAME_DEVICE(z, logdet);
-  TORCH_CHECK(z.dim() >= 1 && z.size(0) == logdet.size(0), "msflow_fast: logdet must have shape [B] with B = z.size(0)",
-              ", got z ", z.sizes(), " and logdet ", logdet.sizes());
+  check_per_sample(z, logdet, "logdet");
   const c10::cuda::CUDAGuard guard(z.device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = z.size(0);
@@ -404,12 +402,7 @@ at::Tensor gaussian_nll_fwd_cuda(const at::Tensor& z, const at::Tensor& logdet) 
 }
 
 at::Tensor gaussian_nll_bwd_cuda(const at::Tensor& grad, const at::Tensor& z) {
-  MSFLOW_CHECK_FLOAT(grad);
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_DIM(grad, 1);
-  MSFLOW_CHECK_SAME_DEVICE(z, grad);
-  TORCH_CHECK(z.dim() >= 1 && z.size(0) == grad.size(0), "msflow_fast: grad must have shape [B] with B = z.size(0)",
-              ", got z ", z.sizes(), " and grad ", grad.sizes());
+  check_per_sample(z, grad, "grad");
   const c10::cuda::CUDAGuard guard(z.device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = z.size(0), total = z.numel();
@@ -428,8 +421,7 @@ at::Tensor gaussian_nll_bwd_cuda(const at::Tensor& grad, const at::Tensor& z) {
 }
 
 at::Tensor log_likelihood_map_fwd_cuda(const at::Tensor& z) {
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_DIM(z, 4);
+  check_log_likelihood_map(z);
   const c10::cuda::CUDAGuard guard(z.device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
@@ -446,14 +438,8 @@ at::Tensor log_likelihood_map_fwd_cuda(const at::Tensor& z) {
 }
 
 at::Tensor log_likelihood_map_bwd_cuda(const at::Tensor& grad, const at::Tensor& z) {
-  MSFLOW_CHECK_FLOAT(grad);
-  MSFLOW_CHECK_FLOAT(z);
-  MSFLOW_CHECK_DIM(z, 4);
-  MSFLOW_CHECK_DIM(grad, 3);
-  MSFLOW_CHECK_SAME_DEVICE(z, grad);
+  check_log_likelihood_map_bwd(grad, z);
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
-  TORCH_CHECK(grad.size(0) == B && grad.size(1) == H && grad.size(2) == W,
-              "msflow_fast: grad must have shape [B, H, W] of z ", z.sizes(), ", got ", grad.sizes());
   const c10::cuda::CUDAGuard guard(z.device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor zc = z.contiguous();
