@@ -35,6 +35,7 @@ def build_info() -> dict[str, Any]:
     """
     from . import __version__
     from .ops import available_backends
+    from .ops._backend import triton_interpreter_enabled
 
     ext = extension_info()
     try:
@@ -52,7 +53,7 @@ def build_info() -> dict[str, Any]:
         "extension_cuda": ext["cuda"],
         "extension_error": ext["error"],
         "triton": triton_version,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "triton_interpret": triton_interpreter_enabled(),
         "cuda_available": torch.cuda.is_available(),
         "backends": {d: available_backends(d) for d in devices},
     }

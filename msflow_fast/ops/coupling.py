@@ -28,6 +28,16 @@ def _check_block_input(x: torch.Tensor, a: torch.Tensor, active: int, clamp: flo
     v.clamp_form(clamp_form)
 
 
+def _check_global_affine(
+    x: torch.Tensor, global_scale: torch.Tensor, global_offset: torch.Tensor, perm: torch.Tensor, affine_type: str
+) -> None:
+    channels = x.shape[1]
+    v.channel_vector(global_scale, "global_scale", channels, x)
+    v.channel_vector(global_offset, "global_offset", channels, x)
+    v.permutation(perm, channels, x)
+    v.affine_type(affine_type)
+
+
 def affine_coupling(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -94,11 +104,7 @@ def global_affine_permute(
         ``(y [B, C, H, W], logdet [B])`` with ``logdet = H * W * sum_c log g_c`` in nats.
     """
     v.tensor(x, "x", ndim=4)
-    channels = x.shape[1]
-    v.channel_vector(global_scale, "global_scale", channels, x)
-    v.channel_vector(global_offset, "global_offset", channels, x)
-    v.permutation(perm, channels, x)
-    v.affine_type(affine_type)
+    _check_global_affine(x, global_scale, global_offset, perm, affine_type)
     checking = v.check_finite_enabled(check_finite)
     if checking:
         v.finite(x, "x")
@@ -143,10 +149,7 @@ def coupling_affine_permute(
     if channels < 2:
         raise ValueError(f"x must have at least 2 channels to split into halves, got shape {tuple(x.shape)}")
     _check_block_input(x, a, channels // 2, clamp, clamp_form)
-    v.channel_vector(global_scale, "global_scale", channels, x)
-    v.channel_vector(global_offset, "global_offset", channels, x)
-    v.permutation(perm, channels, x)
-    v.affine_type(affine_type)
+    _check_global_affine(x, global_scale, global_offset, perm, affine_type)
     checking = v.check_finite_enabled(check_finite)
     if checking:
         v.finite(x, "x")
