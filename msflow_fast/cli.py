@@ -272,7 +272,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         add_config_arguments(p, config_cls)
 
 
-def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps: bool) -> dict[str, Any] | None:
+def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps: bool, resume: Any = None) -> dict[str, Any] | None:
+    """Train (then evaluate). ``resume``: the checkpoint dict the model was built from, handed to
+    ``fit`` so the file is read once; ``None`` = from ``--checkpoint`` / ``--resume``."""
     import torch
 
     from msflow_fast.engine import MVTecDataset, evaluate, fit
@@ -283,7 +285,8 @@ def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps
     test_set = None
     if not args.no_eval:
         test_set = MVTecDataset(args.data, args.category, "test", input_size=input_size)
-    resume: Any = args.checkpoint if args.checkpoint else args.resume
+    if resume is None:
+        resume = args.checkpoint if args.checkpoint else args.resume
     result = fit(
         model, train_set, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, num_workers=args.workers,
         grad_clip=args.grad_clip, out_dir=out, resume=resume, amp=args.amp, device=device, seed=args.seed,
@@ -336,6 +339,7 @@ def _train(args: argparse.Namespace) -> int:
     from msflow_fast.engine import seed_everything
 
     seed_everything(args.seed)
+    state = None
     if args.resume or args.checkpoint:
         from msflow_fast.engine import CHECKPOINT_NAME
 
@@ -350,7 +354,8 @@ def _train(args: argparse.Namespace) -> int:
             model = msflow_cls(config)
     else:
         model = msflow_cls(config)
-    _train_and_eval(args, model, out, heatmaps=args.heatmaps)
+    # The checkpoint dict goes to fit as it is: last.pt is read once per resume.
+    _train_and_eval(args, model, out, heatmaps=args.heatmaps, resume=state)
     return 0
 
 

@@ -143,6 +143,58 @@ def test_corrupt_training_image_is_named(stand_in, tmp_path, capsys):
     assert rc == 2 and "002.png" in capsys.readouterr().err
 
 
+def _count_torch_loads(monkeypatch):
+    import torch
+
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: loads.append(Path(f).name) or real_load(f, *a, **k))
+    return loads
+
+
+def test_train_resume_reads_last_pt_once(stand_in, dataset, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    base = ["train", "--data", str(dataset), "--category", "syn", "--out", str(out), "--batch-size", "4", "--no-progress", "--no-eval"]
+    assert cli.main(base + ["--epochs", "1"]) == 0
+    loads = _count_torch_loads(monkeypatch)
+    assert cli.main(base + ["--epochs", "2", "--resume"]) == 0
+    assert loads == ["last.pt"]
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes((out / "last.pt").read_bytes())
+    loads.clear()
+    assert cli.main(base + ["--epochs", "3", "--checkpoint", str(copy)]) == 0
+    assert loads == ["copy.pt"]
+    assert "trained epochs 2-2" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.pt")["training"]["epoch"] == 2
+
+
+def test_non_finite_image_is_named_by_train_eval_predict(stand_in, dataset, tmp_path, capsys, monkeypatch):
+    from msflow_fast.engine import data as engine_data
+
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(dataset), "--category", "syn", "--out", str(out), "--epochs", "1", "--no-progress", "--no-eval"]) == 0
+    capsys.readouterr()
+    real = engine_data.load_image
+
+    def load_with_nan(path, input_size):  # e.g. a decoder producing NaN for one file
+        image, size = real(path, input_size)
+        if Path(path).name == "003.png":
+            image[1, 4, 4] = float("nan")
+        return image, size
+
+    monkeypatch.setattr(engine_data, "load_image", load_with_nan)
+    test_files = [str(p) for p in sorted((dataset / "syn" / "test").rglob("*.png"))]  # 003.png is among them
+    for argv in (
+        ["train", "--data", str(dataset), "--category", "syn", "--out", str(tmp_path / "o"), "--epochs", "1", "--no-progress", "--no-eval"],
+        ["eval", "--data", str(dataset), "--category", "syn", "--checkpoint", str(out), "--out", str(tmp_path / "ev"), "--no-progress"],
+        ["predict", "--checkpoint", str(out), "--input", *test_files, "--out", str(tmp_path / "pred"), "--no-progress"],
+    ):
+        rc = cli.main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2 and "003.png" in err and "NaN or infinite" in err, (argv[0], err)
+
+
 def test_console_entry_point_help():
     proc = subprocess.run([sys.executable, "-m", "msflow_fast.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "demo" in proc.stdout

@@ -175,3 +175,23 @@ def test_image_folder_dataset(tmp_path):
     assert len(ds) == 2 and ds[0]["image"].shape == (3, 8, 8)
     with pytest.raises(FileNotFoundError, match="nope.png"):
         ImageFolderDataset([tmp_path / "nope.png"])
+
+
+def test_check_finite_images():
+    from msflow_fast.engine.data import check_finite_images
+
+    ok = torch.randn(3, 3, 8, 8)
+    assert check_finite_images(ok) is ok
+    huge = torch.full((2, 3, 8, 8), 3e38)  # finite, but the float32 sum overflows: the exact test decides
+    assert check_finite_images(huge) is huge
+    half = torch.full((2, 3, 64, 64), 60000.0, dtype=torch.float16)
+    assert check_finite_images(half) is half
+    assert check_finite_images(torch.zeros(2, 3, 4, 4, dtype=torch.uint8)) is not None
+    bad = ok.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    bad[2, 1, 3, 3] = -float("inf")
+    with pytest.raises(ValueError, match=r"^non-finite input images: a\.png \(image 0 of the batch\), image 2 of the batch in batch 7 contain NaN or infinite values \(2 of 576 values\)"):
+        check_finite_images(bad, ["a.png", "b.png", ""], "batch 7")
+    many = torch.full((7, 3, 2, 2), float("nan"))
+    with pytest.raises(ValueError, match=r"image 4 of the batch and 2 more contain"):
+        check_finite_images(many)

@@ -167,3 +167,42 @@ def test_corrupt_training_checkpoint_is_named(tmp_path):
         load_checkpoint(tmp_path)
     with pytest.raises(ValueError, match="last.pt"):
         fit(TinyFlowModel(input_size=16), [torch.zeros(1, 3, 16, 16)], epochs=1, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_non_finite_images_are_named_by_evaluate_and_predict_folder(tmp_path, monkeypatch):
+    from msflow_fast.engine import data as engine_data
+
+    ds = SyntheticDefects("test", 6, 16, seed=0)
+    items = [dict(ds[i], path=f"/data/{i:03d}.png") for i in range(6)]
+    items[4]["image"][0, 1, 1] = float("nan")
+    model = TinyFlowModel(input_size=16)
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    with pytest.raises(ValueError, match=r"/data/004\.png \(image 0 of the batch\) in evaluation batch 2 contains NaN"):
+        evaluate(model, Items(), batch_size=4, progress=False)  # batches collated by a DataLoader
+    batches = [{"image": torch.stack([it["image"] for it in items[:3]]), "label": torch.tensor([0, 1, 0])}]
+    with pytest.raises(ValueError, match=r"^non-finite input image: image 1 of the batch"):
+        evaluate(model, [{"image": torch.stack([it["image"] for it in items[3:6]]), "label": torch.tensor([1, 0, 1])}], progress=False)
+    assert evaluate(model, batches, pixel_metrics=False, progress=False)["num_images"] == 3
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(folder / f"{name}.png")
+    real = engine_data.load_image
+
+    def load_with_nan(path, input_size):
+        image, size = real(path, input_size)
+        if str(path).endswith("b.png"):  # e.g. a custom decoder producing NaN
+            image[2, 3, 4] = float("inf")
+        return image, size
+
+    monkeypatch.setattr(engine_data, "load_image", load_with_nan)
+    with pytest.raises(ValueError, match=r"b\.png \(image 1 of the batch\) contains NaN or infinite"):
+        predict_folder(model, folder, tmp_path / "out", batch_size=2, progress=False)
+    assert not (tmp_path / "out" / "scores.csv").exists()

@@ -202,3 +202,110 @@ def test_seed_everything_makes_flow_permutations_reproducible():
     assert not torch.equal(second.w_perm, third.w_perm)
     for (name, p), q in zip(first.named_parameters(), second.parameters()):
         assert torch.equal(p, q), name
+
+
+# ---------------------------------------------------------------------------------------------
+# host reads per step, non-finite gradients and images, resume reads the checkpoint once
+# ---------------------------------------------------------------------------------------------
+
+_HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_host_reads_from(monkeypatch, filename):
+    """Count tensor -> Python value reads (each is a device sync on an accelerator) called directly
+    from ``filename``: ``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``math.isfinite(t)``, ..."""
+    import sys
+
+    calls = []
+    for name in _HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith(filename):
+                calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("grad_clip", [2.0, None])
+def test_fit_reads_the_device_once_per_step(monkeypatch, grad_clip):
+    model = TinyFlowModel(input_size=16)
+    data = _Images()  # 12 images, batch 4: 3 steps per epoch
+    reads = _count_host_reads_from(monkeypatch, "msflow_fast/engine/train.py".replace("/", os.sep))
+    result = fit(model, data, epochs=2, lr=0.01, batch_size=4, shuffle=False, grad_clip=grad_clip, progress=False)
+    monkeypatch.undo()
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert len(reads) == 6, f"expected one host read per step (6 steps), got {len(reads)}: {reads}"
+
+
+class _BadGradient(TinyFlowModel):
+    """Finite loss, NaN gradient (d sqrt(u)/du at 0 is inf, times du/dmu = 0)."""
+
+    def loss(self, images):
+        return super().loss(images) + (self.mu - self.mu.detach()).abs().sum().sqrt()
+
+
+def test_non_finite_gradient_norm_stops_before_the_step():
+    model = _BadGradient(input_size=16)
+    before = _params(model)
+    with pytest.raises(RuntimeError, match=r"non-finite training gradient norm \(nan\) at epoch 1, step 1.*No checkpoint"):
+        fit(model, _Images(), epochs=2, batch_size=4, progress=False)
+    for key, value in before.items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _PathImages(_Images):
+    def __init__(self, bad_index, value):
+        super().__init__(n=8)
+        self.x[bad_index, 1, 2, 3] = value
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "path": f"/data/img_{i:03d}.png"}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_image_names_the_file(value):
+    with pytest.raises(ValueError, match=r"/data/img_005\.png \(image 1 of the batch\) in training batch 2 of epoch 1 contains NaN or infinite"):
+        fit(TinyFlowModel(input_size=16), _PathImages(5, value), epochs=1, batch_size=4, shuffle=False, progress=False)
+    # plain tensors: no file names, the image's place in the batch instead
+    images = torch.rand(4, 3, 16, 16)
+    images[2, 0, 0, 0] = value
+    with pytest.raises(ValueError, match=r"image 2 of the batch in training batch 1 of epoch 1 contains NaN"):
+        fit(TinyFlowModel(input_size=16), [images], epochs=1, progress=False)
+
+
+def _count_checkpoint_reads(monkeypatch):
+    from msflow_fast.engine import checkpoint as engine_checkpoint
+
+    reads = []
+    original = engine_checkpoint.read_checkpoint
+
+    def counting(path, **kwargs):
+        reads.append(str(path))
+        return original(path, **kwargs)
+
+    monkeypatch.setattr(engine_checkpoint, "read_checkpoint", counting)
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f"torch.load {f}") or real_load(f, *a, **k))
+    return reads
+
+
+def test_resume_reads_last_pt_once(tmp_path, monkeypatch):
+    kwargs = dict(lr=0.02, batch_size=4, shuffle=False, progress=False)
+    fit(TinyFlowModel(input_size=16), _Images(), epochs=2, out_dir=tmp_path, **kwargs)
+    reads = _count_checkpoint_reads(monkeypatch)
+    result = fit(TinyFlowModel(input_size=16), _Images(), epochs=3, out_dir=tmp_path, resume=True, **kwargs)
+    assert result.start_epoch == 2 and len(reads) == 2, reads  # one read_checkpoint, one torch.load in it
+    # a checkpoint dict already read (e.g. by the CLI to build the model) is used as it is
+    monkeypatch.undo()
+    state = load_checkpoint(tmp_path)
+    reads = _count_checkpoint_reads(monkeypatch)
+    resumed = TinyFlowModel(input_size=16)
+    result = fit(resumed, _Images(), epochs=4, resume=state, **kwargs)
+    assert result.start_epoch == 3 and len(result.losses) == 1 and reads == []
+    with pytest.raises(ValueError, match="without training state"):
+        fit(TinyFlowModel(input_size=16), _Images(), epochs=4, resume={k: v for k, v in state.items() if k != "training"}, **kwargs)

@@ -127,8 +127,10 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 3, 64, 70))
     bad = _images(1)
     bad[0, 0, 3, 3] = float("nan")
+    model.check_finite = True  # the NaN/inf check is opt-in: see test_non_finite_image_check_is_opt_in
     with pytest.raises(ValueError, match="NaN"):
         model.predict(bad)
+    model.check_finite = None
     with pytest.raises(ValueError, match="empty"):
         model(torch.randn(0, 3, 64, 64))
     with pytest.raises(ValueError, match="parallel_blocks"):
@@ -141,6 +143,40 @@ def test_bad_inputs_raise_clear_errors():
 
     with pytest.raises(TypeError, match="feature maps"):
         MSFlow(backbone=ScalarBackbone(), **SMALL)
+
+
+def test_non_finite_image_check_is_opt_in(monkeypatch):
+    """NaN/inf images: no full pass and device sync per forward by default (the ops' policy);
+    checked with model.check_finite=True or MSFLOW_FAST_CHECK_FINITE=1, and by a direct check_images call."""
+    monkeypatch.delenv("MSFLOW_FAST_CHECK_FINITE", raising=False)
+    model = _model()
+    bad = _images(2)
+    bad[1, 0, 3, 3] = float("nan")
+    bad[1, 2, 5, 5] = float("inf")
+    reads = []
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: reads.append(x.shape) or real_isfinite(x))
+    model.predict(bad)  # default: not checked, so no error
+    model.loss(bad)
+    assert not [shape for shape in reads if shape == bad.shape], "forward read the whole image batch"
+    monkeypatch.setattr(torch, "isfinite", real_isfinite)
+    with pytest.raises(ValueError, match=r"NaN or infinite values \(2 of .*image\(s\) \[1\]"):
+        model.check_images(bad, check_finite=True)
+    assert model.check_images(bad, check_finite=False) is bad
+    model.check_finite = True
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.predict(bad)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.loss(bad)
+    model.check_finite = None
+    monkeypatch.setenv("MSFLOW_FAST_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="MSFLOW_FAST_CHECK_FINITE"):
+        model(bad)
+    model.check_finite = False  # the model's own setting wins over the environment
+    assert model.check_images(bad, check_finite=None) is bad
+    with pytest.raises(ValueError, match="NaN or infinite"):  # a direct call validates fully by default
+        model.check_images(bad)
+    assert model.check_images(_images(1)) is not None  # finite images pass
 
 
 def test_config_defaults_round_trip_and_validation():

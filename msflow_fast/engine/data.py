@@ -12,6 +12,12 @@ Every item is a dict:
 Bad files and folders raise errors that name them: ``FileNotFoundError`` for missing folders and
 masks, ``ValueError`` for empty folders, unreadable or truncated images and mask/image size
 mismatches.
+
+Non-finite images: decoded files are 8-bit, so they are always finite. Images from elsewhere (a
+custom Dataset, tensors) are checked by the engine once per batch with :func:`check_finite_images`,
+on the CPU before the batch moves to the device (no device sync); the error names the files when
+the batch carries their paths. ``MSFlow.forward`` itself checks only when asked
+(``model.check_finite = True`` or ``MSFLOW_FAST_CHECK_FINITE=1``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ __all__ = [
     "ImageFolderDataset",
     "MVTecDataset",
     "SyntheticDefects",
+    "check_finite_images",
     "denormalize",
     "image_size_hw",
     "list_images",
@@ -79,6 +86,40 @@ def _open_verified(path: Path, mode: str) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err} (truncated or corrupt file?)") from err
+
+
+def check_finite_images(images: torch.Tensor, paths: Any = None, where: str = "") -> torch.Tensor:
+    """Raise ``ValueError`` if a CPU image batch ``[B, ...]`` holds NaN or infinity; returns it unchanged.
+
+    The engine calls this on every batch before moving it to the device: one pass over host memory,
+    no device sync. Batches that already live on an accelerator are not checked here (that would
+    cost a sync per batch); there ``MSFlow`` checks when ``model.check_finite`` is set or
+    ``MSFLOW_FAST_CHECK_FINITE=1``, and ``fit`` stops on the resulting non-finite loss.
+
+    Args:
+        paths: the batch's file paths (a list of ``str``, ``""`` for none), named in the error.
+        where: where the batch came from, e.g. ``"training batch 3 of epoch 1"``.
+    """
+    if images.device.type != "cpu" or not images.is_floating_point() or images.numel() == 0:
+        return images
+    # Fast path: one reduction. A NaN/inf makes the sum non-finite; a finite batch whose sum
+    # overflows falls through to the exact per-element test below.
+    if bool(torch.isfinite(images.sum(dtype=torch.float64 if images.dtype == torch.float64 else torch.float32))):
+        return images
+    bad = ~torch.isfinite(images.reshape(images.shape[0], -1) if images.dim() > 0 else images.reshape(1, 1))
+    per_image = bad.any(1).nonzero().flatten().tolist()
+    if not per_image:
+        return images
+    names = []
+    for i in per_image:
+        path = paths[i] if isinstance(paths, (list, tuple)) and i < len(paths) else ""
+        names.append(f"{path} (image {i} of the batch)" if path else f"image {i} of the batch")
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(
+        f"non-finite input image{'s' if len(names) > 1 else ''}: {shown}"
+        f"{' in ' + where if where else ''} contain{'' if len(names) > 1 else 's'} NaN or infinite values "
+        f"({int(bad.sum())} of {images.numel()} values); check the data pipeline (decoding, normalisation)"
+    )
 
 
 def normalize(image: torch.Tensor) -> torch.Tensor:

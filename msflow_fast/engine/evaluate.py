@@ -8,6 +8,9 @@ score); :class:`msflow_fast.model.MSFlow` provides it.
 Metrics are fractions in [0, 1] (MSFlow's logs print percentages: multiply by 100). Maps are
 collected on CPU in float32 (preallocated when the data has a length) and masks as bool, about
 9 bytes per pixel, so a full MVTec class at 512 px needs roughly 250 MB.
+
+Input images on the CPU are checked for NaN/inf once per batch, before they move to the device
+(:func:`~msflow_fast.engine.data.check_finite_images`: no device sync; the error names the files).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
-from .data import ImageFolderDataset
+from .data import ImageFolderDataset, check_finite_images
 from .metrics import aupro, auroc
-from .train import batch_images
+from .train import batch_images, batch_paths
 from .visualize import save_overlay
 
 __all__ = ["evaluate", "predict_folder"]
@@ -100,6 +103,10 @@ def evaluate(
         ``{"image_auroc", "pixel_auroc", "aupro"}`` as fractions in [0, 1] (``None`` when undefined,
         e.g. a test set without anomalies), plus ``num_images``, ``num_anomalous``, ``seconds`` and
         ``images_per_second``.
+
+    Raises:
+        ValueError: a batch of CPU images holds NaN or infinity (the message names the files when
+            the batches carry ``"path"``; batches already on the device are not checked).
     """
     if not callable(getattr(model, "predict", None)):
         raise TypeError(f"model: expected a module with a predict(images) method, got {type(model).__name__}")
@@ -129,8 +136,9 @@ def evaluate(
 
         iterator = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, total=len(loader) if hasattr(loader, "__len__") else None)
     try:
-        for batch in iterator:
-            images = batch_images(batch).to(device)
+        for index, batch in enumerate(iterator):
+            images = check_finite_images(batch_images(batch), batch_paths(batch), f"evaluation batch {index + 1}")
+            images = images.to(device)
             n = images.shape[0]
             pred = model.predict(images)
             score = _field(pred, "score").detach().float().reshape(-1).cpu()
@@ -238,6 +246,9 @@ def predict_folder(
 
     Returns:
         One dict per image: ``path``, ``score``, ``heatmap`` (the PNG written).
+
+    Raises:
+        ValueError: an image holds NaN or infinity after loading (the message names the file).
     """
     if input_size is None:
         config = getattr(model, "config", None)
@@ -258,7 +269,8 @@ def predict_folder(
         loader = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True)
     try:
         for batch in loader:
-            pred = model.predict(batch["image"].to(device))
+            images = check_finite_images(batch["image"], batch_paths(batch))
+            pred = model.predict(images.to(device))
             maps.extend(_field(pred, "anomaly_map").detach().float().cpu().half())
             scores.extend(_field(pred, "score").detach().float().reshape(-1).cpu().tolist())
     finally:

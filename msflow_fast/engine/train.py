@@ -12,6 +12,10 @@ Distributed training: when ``torch.distributed`` is initialised (``torchrun``), 
 through :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, NCCL on GPU), a Dataset gets
 a :class:`~torch.utils.data.DistributedSampler`, ``batch_size`` is per process, and only rank 0 writes
 checkpoints.
+
+Per step the loop reads the device once (the reported loss and the gradient norm together, to stop
+on a non-finite value before the step is applied). Input images on the CPU are checked for NaN/inf
+before they move to the device (see :func:`msflow_fast.engine.data.check_finite_images`).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +39,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from ..model import load_checkpoint_state
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .data import check_finite_images
 
-__all__ = ["FitResult", "OfficialSchedule", "batch_images", "fit"]
+__all__ = ["FitResult", "OfficialSchedule", "batch_images", "batch_paths", "fit"]
 
 
 class OfficialSchedule:
@@ -110,6 +115,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def batch_paths(batch: Any) -> list[str] | None:
+    """The ``"path"`` entries of a dict batch (file names for error messages), else ``None``."""
+    if isinstance(batch, dict):
+        value = batch.get("path")
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        if isinstance(value, str):
+            return [value]
+    return None
 
 
 def batch_images(batch: Any) -> torch.Tensor:
@@ -197,7 +213,7 @@ def fit(
     gamma: float = 0.33,
     grad_clip: float | None = 2.0,
     out_dir: str | os.PathLike | None = None,
-    resume: bool | str | os.PathLike = False,
+    resume: bool | str | os.PathLike | Mapping = False,
     amp: str | bool | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
@@ -218,7 +234,8 @@ def fit(
         grad_clip: max gradient norm per step (2); ``None`` disables clipping.
         out_dir: folder for ``last.pt`` (written atomically after every epoch); ``None`` = no checkpoints.
         resume: ``True`` continues from ``out_dir/last.pt`` if it exists (after its last finished
-            epoch); a path continues from that checkpoint.
+            epoch); a path continues from that checkpoint; a dict already read by
+            :func:`~msflow_fast.engine.load_checkpoint` continues from it without reading the file again.
         amp: ``None`` (fp32), ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler).
         device: where to train; default = the model's device.
         seed: seeds the shuffling order.
@@ -229,6 +246,9 @@ def fit(
         A :class:`FitResult`.
 
     Raises:
+        ValueError: a batch of CPU images holds NaN or infinity (the message names the files when
+            the batches carry ``"path"``). Batches already on the device are not checked (it would
+            cost a sync per step); NaN there shows up as a non-finite loss.
         RuntimeError: non-finite loss or gradient norm. The step is not applied, and the last
             good checkpoint (if any) stays in ``out_dir`` and can be resumed.
     """
@@ -238,7 +258,7 @@ def fit(
         raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
     if lr <= 0:
         raise ValueError(f"lr: expected a positive float, got {lr!r}")
-    if resume and out_dir is None and not isinstance(resume, (str, os.PathLike)):
+    if resume and out_dir is None and not isinstance(resume, (str, os.PathLike, Mapping)):
         raise ValueError("resume=True needs out_dir (where last.pt lives) or a checkpoint path")
     amp_dtype = _amp_dtype(amp)
     distributed, rank, world = _dist_info()
@@ -255,17 +275,19 @@ def fit(
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
     start_epoch, history = 0, {"loss": [], "lr": []}
-    resume_path = None
-    if isinstance(resume, (str, os.PathLike)):
-        resume_path = Path(resume)
+    state: Mapping | None = None
+    if isinstance(resume, Mapping):
+        state = resume  # already read (e.g. by the CLI, which built the model from it): no second read
+    elif isinstance(resume, (str, os.PathLike)):
+        state = load_checkpoint(resume, map_location=device)
     elif resume and ckpt_path is not None and ckpt_path.is_file():
-        resume_path = ckpt_path
-    if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)
+        state = load_checkpoint(ckpt_path, map_location=device)
+    resume_path = state.get("path", "the given checkpoint") if state is not None else None
+    if state is not None:
         training = state.get("training")
         if not isinstance(training, dict):
             raise ValueError(
-                f"resume: {state['path']} is a model checkpoint without training state (no 'training' entry); "
+                f"resume: {resume_path} is a model checkpoint without training state (no 'training' entry); "
                 "load the model from it and start a new fit instead"
             )
         config = getattr(model, "config", None)
@@ -305,7 +327,10 @@ def fit(
         total, count = 0.0, 0
         bar = _progress(loader, epoch, epochs, show)
         for step, batch in enumerate(bar):
-            images = batch_images(batch).to(device, non_blocking=True)
+            images = batch_images(batch)
+            # On the CPU (before the copy): a cheap pass over host memory, no device sync.
+            check_finite_images(images, batch_paths(batch), f"training batch {step + 1} of epoch {epoch + 1}")
+            images = images.to(device, non_blocking=True)
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
             with autocast:
                 loss = loss_module(images)
@@ -316,20 +341,24 @@ def fit(
             if distributed:
                 torch.distributed.all_reduce(reported)
                 reported /= world
-            value = reported.item()
-            if not math.isfinite(value):
-                raise RuntimeError(_non_finite_message("loss", value, epoch, step, last_good))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
             else:
                 loss.backward()
+            # One device -> host read per step: the reported loss, and (without a GradScaler, which
+            # skips steps with inf/NaN gradients itself) the gradient norm, in one transfer.
             if grad_clip is not None:
                 norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                if scaler is None and not torch.isfinite(norm):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise RuntimeError(_non_finite_message("gradient norm", norm.item(), epoch, step, last_good))
+            if grad_clip is not None and scaler is None:
+                value, norm_value = torch.stack([reported, norm.detach().to(reported.device, torch.float32)]).tolist()
+            else:
+                value, norm_value = reported.item(), 0.0
+            if not math.isfinite(value) or not math.isfinite(norm_value):
+                optimizer.zero_grad(set_to_none=True)
+                what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", norm_value)
+                raise RuntimeError(_non_finite_message(what, bad, epoch, step, last_good))
             if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()

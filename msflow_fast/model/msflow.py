@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import AnomalyHead, AnomalyPrediction, FusionFlow, ParallelFlows
+from ..ops._validate import ENV_CHECK_FINITE, check_finite_enabled
 from .config import MSFlowConfig
 from .extractor import FeatureExtractor
 from .positional import PositionalEncoding2d
@@ -40,6 +41,15 @@ class MSFlow(nn.Module):
     The backbone is frozen and runs under ``no_grad``. Parameters live in ``parallel_flows``
     (``flows.{k}.module_list.{i}.*``, FrEIA SequenceINN keys) and ``fusion_flow``
     (``permutations.{k}.*`` keyed by scale, ``coupling.*``).
+
+    Attributes:
+        check_finite: whether :meth:`forward` (and so ``loss`` / ``predict``) rejects images holding
+            NaN or infinity. ``None`` (default) follows the ops' policy: checked only with
+            ``MSFLOW_FAST_CHECK_FINITE=1`` in the environment, because the check costs a full pass
+            over the batch and a device sync per call. ``True`` / ``False`` force it on / off for
+            this model. The engine (``fit``, ``evaluate``, ``predict_folder`` and the CLI) checks
+            each batch itself on the CPU, before moving it to the device, and names the files;
+            a direct :meth:`check_images` call checks by default.
     """
 
     def __init__(self, config: MSFlowConfig | None = None, backbone: nn.Module | None = None, **overrides: Any) -> None:
@@ -71,16 +81,24 @@ class MSFlow(nn.Module):
         )
         self.fusion_flow = FusionFlow(channels, clamp=config.clamp_alpha)
         self.head = AnomalyHead(config.top_k)
+        self.check_finite: bool | None = None
 
     # ------------------------------------------------------------------ inputs
 
-    def check_images(self, images: object) -> torch.Tensor:
+    def check_images(self, images: object, check_finite: bool | None = True) -> torch.Tensor:
         """Validate an image batch ``[B, 3, H, W]``; returns it unchanged.
+
+        The type, shape and device checks are free (metadata only) and always run. The NaN/inf
+        check reads every value and synchronises the device: a direct call (a one-off validation,
+        e.g. of export's example images) runs it by default; :meth:`forward` passes
+        ``check_finite=None``, which runs it only when asked: :attr:`check_finite` of the model,
+        else ``MSFLOW_FAST_CHECK_FINITE=1`` (the ops' policy). ``False`` skips it. It never runs
+        inside torch.compile / torch.export graphs.
 
         Raises:
             TypeError: not a floating tensor, or on another device than the model.
             ValueError: wrong rank, channel count, empty, size not divisible by the backbone's
-                largest stride, or non-finite values (not checked inside torch.compile/export graphs).
+                largest stride, or (when checked) NaN or infinite values.
         """
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
@@ -105,9 +123,19 @@ class MSFlow(nn.Module):
         param = next(self.parallel_flows.parameters())
         if images.device != param.device:
             raise TypeError(f"images are on {images.device} but the model is on {param.device}; move one of them")
-        # A data-dependent check: skipped while torch.compile / torch.export trace the model.
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(images).all()):
-            raise ValueError("images contain NaN or infinite values")
+        if check_finite is None:
+            check_finite = self.check_finite
+        # A data-dependent check (a pass and a sync): opt-in, and skipped while torch.compile /
+        # torch.export trace the model.
+        if check_finite_enabled(check_finite) and not torch.compiler.is_compiling():
+            bad = ~torch.isfinite(images)
+            if bool(bad.any()):
+                images_bad = bad.flatten(1).any(1).nonzero().flatten().tolist()
+                raise ValueError(
+                    f"images contain NaN or infinite values ({int(bad.sum())} of {images.numel()}, in batch "
+                    f"image(s) {images_bad}); check the data pipeline (decoding, normalisation). "
+                    f"forward() checks this only with model.check_finite=True or {ENV_CHECK_FINITE}=1"
+                )
         return images
 
     # ------------------------------------------------------------------ pipeline
@@ -121,7 +149,7 @@ class MSFlow(nn.Module):
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Pooled backbone features ``y_k [B, C_k, h_k, w_k]`` (no autograd)."""
-        self.check_images(images)
+        self.check_images(images, check_finite=None)  # NaN/inf: only when asked (see check_finite)
         with torch.no_grad():
             feats = self.extractor(images)
             dtype = next(self.parallel_flows.parameters()).dtype
@@ -137,7 +165,11 @@ class MSFlow(nn.Module):
         return FlowOutput(latents, sum(logdets) + logdet_fusion)
 
     def forward(self, images: torch.Tensor) -> FlowOutput:
-        """``images [B, 3, H, W]`` -> ``FlowOutput(latents, logdet [B])``."""
+        """``images [B, 3, H, W]`` -> ``FlowOutput(latents, logdet [B])``.
+
+        Images are validated by :meth:`check_images`; NaN/inf values are rejected only when the
+        finiteness check is on (see :attr:`check_finite`), otherwise they give non-finite outputs.
+        """
         return self.flows(self.features(images))
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
