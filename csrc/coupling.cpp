@@ -164,7 +164,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Scalar maths (T = at::opmath_type<scalar_t>: float for float32/half/bfloat16, double for double)
 
-// exp_approx / tanh_approx (float: vectorisable approximations; double: std::) are in cpu_math.h.
+// exp_approx / tanh_approx / atan_approx (float: vectorisable approximations; double: std::) are in cpu_math.h.
 
 // The CPU maths policy of coupling_math.h: vectorisable float approximations, std:: for double.
 struct CpuMath {
@@ -172,7 +172,7 @@ struct CpuMath {
   static double exp(double v) { return std::exp(v); }
   static float tanh(float v) { return tanh_approx(v); }
   static double tanh(double v) { return std::tanh(v); }
-  static float atan(float v) { return std::atan(v); }
+  static float atan(float v) { return atan_approx(v); }
   static double atan(double v) { return std::atan(v); }
   static double log1p(double v) { return std::log1p(v); }
 };

@@ -7,9 +7,9 @@
 
 namespace msflow_fast {
 
-// exp and tanh for the float compute path (float32, and half/bfloat16 computed in float), written
+// exp, tanh and atan for the float compute path (float32, and half/bfloat16 computed in float), written
 // with integer masks instead of branches or float compares so that the inner loops vectorise
-// (std::exp/std::tanh on float do not); about 1-2 ulp, like the vectorised eager kernels.
+// (std::exp/std::tanh/std::atan on float do not); about 1-2 ulp, like the vectorised eager kernels.
 // Double keeps std::.
 
 // Branch-free helpers on the float bit pattern (integer compares and masks only).
@@ -63,7 +63,24 @@ inline float tanh_approx(float v) {
   return select_bits(magnitude_above(v, 0.625f), large, small);
 }
 
+inline float atan_approx(float v) {
+  // Cephes-style: |v| > tan(3pi/8): pi/2 + atan(-1/|v|); |v| > tan(pi/8): pi/4 + atan((|v|-1)/(|v|+1));
+  // then an odd degree-9 polynomial on |r| <= tan(pi/8); sign restored. NaN propagates, atan(inf) = pi/2.
+  const float x = std::fabs(v);
+  const int32_t big = magnitude_above(x, 2.414213562373095f);
+  const int32_t mid = magnitude_above(x, 0.4142135623730950f) & ~big;
+  const float r = select_bits(big, -1.0f / x, select_bits(mid, (x - 1.0f) / (x + 1.0f), x));
+  const float base = select_bits(big, 1.5707963267948966f, select_bits(mid, 0.7853981633974483f, 0.0f));
+  const float z = r * r;
+  float p = 8.05374449538e-2f;
+  p = p * z - 1.38776856032e-1f;
+  p = p * z + 1.99777106478e-1f;
+  p = p * z - 3.33329491539e-1f;
+  return std::copysign(base + (p * z * r + r), v);
+}
+
 inline double exp_approx(double v) { return std::exp(v); }
+inline double atan_approx(double v) { return std::atan(v); }
 inline double tanh_approx(double v) { return std::tanh(v); }
 
 }  // namespace msflow_fast

@@ -139,6 +139,19 @@ def test_softplus_linear_branch_matches_reference():
     )
 
 
+@pytest.mark.parametrize("clamp_form", ["tanh", "atan"])
+def test_float32_clamp_approximations_over_every_range(clamp_form):
+    """The vectorised float32 tanh/atan cover every branch: tiny, both reduction ranges, huge, inf, NaN."""
+    magnitudes = torch.cat([torch.zeros(1), torch.logspace(-8, 8, 333), torch.tensor([3e38, float("inf")])])
+    a_s = torch.cat([magnitudes, -magnitudes, torch.tensor([float("nan")])]).view(1, -1, 1, 1)
+    a = torch.cat([a_s, 0.5 * torch.randn_like(a_s)], dim=1).to(DEVICE)
+    x = torch.randn(1, a_s.shape[1], 1, 1, device=DEVICE)
+    y, _ = cpp.affine_coupling(x, a, clamp=CLAMP, clamp_form=clamp_form)
+    y_exact, _ = ref.affine_coupling(x.double(), a.double(), clamp=CLAMP, clamp_form=clamp_form)
+    finite = torch.isfinite(y_exact)
+    torch.testing.assert_close(y[finite].double(), y_exact[finite], rtol=4e-6, atol=1e-6)
+    assert torch.isnan(y[~finite]).all(), "NaN in the subnet output must propagate"
+
 @pytest.mark.parametrize("layout", ["non_contiguous", "channels_last"])
 def test_strided_inputs_through_public_ops(layout):
     b, c, h, w = 3, 7, 7, 9
