@@ -7,6 +7,11 @@
 // subnet output a = [a_s, a_t] has 2 * C_active channels (scale half, then shift half).
 // Log-dets are accumulated in double per plane, then summed over the planes of each sample
 // in a fixed order (deterministic). Parameter gradients are reduced per channel in double.
+//
+// Dtypes: x, a, grad_y and the element outputs share x's dtype. The per-channel parameters
+// (global_scale, global_offset), the log-dets, grad_logdet and the parameter gradients are in the
+// accumulation dtype acc = at::opmath_type of x's dtype (float for float/half/bfloat16, double for
+// double), so float32 parameters of half inputs are used unrounded and log-dets stay float32.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,10 +75,24 @@ void check_clamp(double clamp) {
   TORCH_CHECK(std::isfinite(clamp) && clamp > 0.0, "msflow_fast: clamp must be a finite float > 0, got ", clamp);
 }
 
+// Dtype of the per-sample and per-channel tensors: float for float/half/bfloat16 x, double for double.
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Same device as x, contiguous, in the accumulation dtype of x.
+void check_acc(const at::Tensor& x, const at::Tensor& other, const char* name) {
+  TORCH_CHECK(other.device() == x.device(), "msflow_fast: ", name, " is on ", other.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(other.scalar_type() == acc_dtype(x), "msflow_fast: ", name, " has dtype ", other.scalar_type(),
+              " but must have ", acc_dtype(x), " (the accumulation dtype of x, which has ", x.scalar_type(), ")");
+  TORCH_CHECK(other.is_contiguous(), "msflow_fast: ", name, " must be contiguous, got strides ", other.strides());
+}
+
 void check_channel_vector(const at::Tensor& x, const at::Tensor& v, const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), "msflow_fast: ", name, " must have shape [", x.size(1),
               "] (one element per channel), got ", v.sizes());
-  check_like(x, v, name);
+  check_acc(x, v, name);
 }
 
 void check_perm(const at::Tensor& x, const at::Tensor& perm) {
@@ -101,7 +120,7 @@ void check_grads(const at::Tensor& x, const at::Tensor& grad_y, const at::Tensor
   check_like(x, grad_y, "grad_y");
   TORCH_CHECK(grad_logdet.dim() == 1 && grad_logdet.size(0) == x.size(0), "msflow_fast: grad_logdet must have shape [",
               x.size(0), "], got ", grad_logdet.sizes());
-  check_like(x, grad_logdet, "grad_logdet");
+  check_acc(x, grad_logdet, "grad_logdet");
 }
 
 }  // namespace
@@ -235,7 +254,7 @@ struct ChannelScales {
 template <typename scalar_t>
 ChannelScales channel_scales(const at::Tensor& global_scale, int64_t affine_type) {
   const int64_t channels = global_scale.size(0);
-  const scalar_t* gamma = global_scale.data_ptr<scalar_t>();
+  const at::opmath_type<scalar_t>* gamma = global_scale.data_ptr<at::opmath_type<scalar_t>>();
   ChannelScales out;
   out.g.resize(channels);
   out.dg.resize(channels);
@@ -246,14 +265,14 @@ ChannelScales channel_scales(const at::Tensor& global_scale, int64_t affine_type
   return out;
 }
 
-// logdet[b] = sign * sum_c partial[b, c] + constant.
-template <typename scalar_t>
+// logdet[b] = sign * sum_c partial[b, c] + constant (logdet in the accumulation dtype T).
+template <typename T>
 void reduce_planes(const double* partial, int64_t batch, int64_t channels, double sign, double constant,
-                   scalar_t* logdet) {
+                   T* logdet) {
   for (int64_t b = 0; b < batch; ++b) {
     double sum = 0.0;
     for (int64_t c = 0; c < channels; ++c) sum += partial[b * channels + c];
-    logdet[b] = static_cast<scalar_t>(sign * sum + constant);
+    logdet[b] = static_cast<T>(sign * sum + constant);
   }
 }
 
@@ -300,9 +319,10 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cpu(const at::Tensor& x, cons
   const int64_t form = parse_clamp_form(clamp_form);
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2) * x.size(3);
   at::Tensor y = new_output(x.sizes(), x.options());
-  at::Tensor logdet = new_output({batch}, x.options());
+  at::Tensor logdet = new_output({batch}, x.options().dtype(acc_dtype(x)));
   at::Tensor partial = at::zeros({batch * channels}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_coupling_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
     dispatch_clamp_form(form, [&](auto form_tag) {
       constexpr int64_t FORM = decltype(form_tag)::value;
       if (reverse) {
@@ -315,7 +335,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cpu(const at::Tensor& x, cons
                                                       channels, n, clamp);
       }
     });
-    reduce_planes(partial.data_ptr<double>(), batch, channels, reverse ? -1.0 : 1.0, 0.0, logdet.data_ptr<scalar_t>());
+    reduce_planes(partial.data_ptr<double>(), batch, channels, reverse ? -1.0 : 1.0, 0.0, logdet.data_ptr<T>());
   });
   return {y, logdet};
 }
@@ -334,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_inv_cpu(const at::Tensor& x, 
 //   forward: dx = gy e^s, da_s = (gy x e^s + gl) s', da_t = k gy
 //   reverse: dx = gy e^-s, da_s = -(gy y + gl) s' with y = (x - t) e^-s, da_t = -k gy e^-s
 template <typename scalar_t, int64_t FORM, bool REVERSE>
-void affine_coupling_bwd_kernel(const scalar_t* grad_y, const scalar_t* grad_logdet, const scalar_t* x,
+void affine_coupling_bwd_kernel(const scalar_t* grad_y, const at::opmath_type<scalar_t>* grad_logdet, const scalar_t* x,
                                 const scalar_t* a, scalar_t* grad_x, scalar_t* grad_a, int64_t batch,
                                 int64_t channels, int64_t n, double clamp) {
   using T = at::opmath_type<scalar_t>;
@@ -385,16 +405,17 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd_cpu(const at::Tensor& gra
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_a = new_output(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_coupling_bwd_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
     dispatch_clamp_form(form, [&](auto form_tag) {
       constexpr int64_t FORM = decltype(form_tag)::value;
       if (reverse) {
         affine_coupling_bwd_kernel<scalar_t, FORM, true>(
-            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(),
             a.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), batch, channels, n,
             clamp);
       } else {
         affine_coupling_bwd_kernel<scalar_t, FORM, false>(
-            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(),
             a.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), batch, channels, n,
             clamp);
       }
@@ -410,7 +431,8 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd_cpu(const at::Tensor& gra
 // In both directions plane i of the "permuted side" pairs with plane p[i] of the other side.
 
 template <typename scalar_t, bool REVERSE>
-void global_affine_permute_kernel(const scalar_t* x, const ChannelScales& scales, const scalar_t* offset,
+void global_affine_permute_kernel(const scalar_t* x, const ChannelScales& scales,
+                                  const at::opmath_type<scalar_t>* offset,
                                   const int64_t* perm, scalar_t* y, int64_t batch, int64_t channels, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   at::parallel_for(0, batch * channels, plane_grain(n), [&](int64_t begin, int64_t end) {
@@ -442,22 +464,23 @@ std::tuple<at::Tensor, at::Tensor> global_affine_permute_cpu(const at::Tensor& x
   const int64_t type = parse_affine_type(affine_type);
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2) * x.size(3);
   at::Tensor y = new_output(x.sizes(), x.options());
-  at::Tensor logdet = new_output({batch}, x.options());
+  at::Tensor logdet = new_output({batch}, x.options().dtype(acc_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_affine_permute_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
     const ChannelScales scales = channel_scales<scalar_t>(global_scale, type);
     if (reverse) {
       global_affine_permute_kernel<scalar_t, true>(x.data_ptr<scalar_t>(), scales,
-                                                   global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+                                                   global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(),
                                                    y.data_ptr<scalar_t>(), batch, channels, n);
     } else {
       global_affine_permute_kernel<scalar_t, false>(x.data_ptr<scalar_t>(), scales,
-                                                    global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+                                                    global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(),
                                                     y.data_ptr<scalar_t>(), batch, channels, n);
     }
     // H*W * sum_c log g_c, the same for every sample
     const double value = (reverse ? -1.0 : 1.0) * static_cast<double>(n) * scales.log_sum;
-    scalar_t* ld = logdet.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < batch; ++b) ld[b] = static_cast<scalar_t>(value);
+    T* ld = logdet.data_ptr<T>();
+    for (int64_t b = 0; b < batch; ++b) ld[b] = static_cast<T>(value);
   });
   return {y, logdet};
 }
@@ -480,10 +503,11 @@ std::tuple<at::Tensor, at::Tensor> global_affine_permute_inv_cpu(const at::Tenso
 //            db_c = -sum gy[:, c] / g_c
 // and dgamma_c = dg_c psi'(gamma_c).
 template <typename scalar_t, bool REVERSE>
-void global_affine_permute_bwd_kernel(const scalar_t* grad_y, const scalar_t* grad_logdet, const scalar_t* x,
-                                      const ChannelScales& scales, const scalar_t* offset, const int64_t* perm,
-                                      scalar_t* grad_x, scalar_t* grad_scale, scalar_t* grad_offset, int64_t batch,
-                                      int64_t channels, int64_t n) {
+void global_affine_permute_bwd_kernel(const scalar_t* grad_y, const at::opmath_type<scalar_t>* grad_logdet,
+                                      const scalar_t* x, const ChannelScales& scales,
+                                      const at::opmath_type<scalar_t>* offset, const int64_t* perm, scalar_t* grad_x,
+                                      at::opmath_type<scalar_t>* grad_scale, at::opmath_type<scalar_t>* grad_offset,
+                                      int64_t batch, int64_t channels, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   double gl_sum = 0.0;
   for (int64_t b = 0; b < batch; ++b) gl_sum += static_cast<double>(grad_logdet[b]);
@@ -524,8 +548,8 @@ void global_affine_permute_bwd_kernel(const scalar_t* grad_y, const scalar_t* gr
         dg = sum_gy_v + hw_gl / g64;
         db = sum_gy;
       }
-      grad_scale[c] = static_cast<scalar_t>(dg * scales.dg[c]);
-      grad_offset[c] = static_cast<scalar_t>(db);
+      grad_scale[c] = static_cast<T>(dg * scales.dg[c]);
+      grad_offset[c] = static_cast<T>(db);
     }
   });
 }
@@ -537,20 +561,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_affine_permute_bwd_cpu(
   const int64_t type = parse_affine_type(affine_type);
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2) * x.size(3);
   at::Tensor grad_x = new_output(x.sizes(), x.options());
-  at::Tensor grad_scale = new_output(global_scale.sizes(), x.options());
-  at::Tensor grad_offset = new_output(global_offset.sizes(), x.options());
+  at::Tensor grad_scale = new_output(global_scale.sizes(), global_scale.options());
+  at::Tensor grad_offset = new_output(global_offset.sizes(), global_offset.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_affine_permute_bwd_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
     const ChannelScales scales = channel_scales<scalar_t>(global_scale, type);
     if (reverse) {
       global_affine_permute_bwd_kernel<scalar_t, true>(
-          grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scales,
-          global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
-          grad_scale.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(), batch, channels, n);
+          grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(), scales,
+          global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
+          grad_scale.data_ptr<T>(), grad_offset.data_ptr<T>(), batch, channels, n);
     } else {
       global_affine_permute_bwd_kernel<scalar_t, false>(
-          grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), scales,
-          global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
-          grad_scale.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(), batch, channels, n);
+          grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(), scales,
+          global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
+          grad_scale.data_ptr<T>(), grad_offset.data_ptr<T>(), batch, channels, n);
     }
   });
   return {grad_x, grad_scale, grad_offset};
@@ -562,7 +587,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_affine_permute_bwd_cpu(
 
 template <typename scalar_t, int64_t FORM>
 void coupling_affine_permute_kernel(const scalar_t* x, const scalar_t* a, const ChannelScales& scales,
-                                    const scalar_t* offset, const int64_t* perm, scalar_t* y, double* partial,
+                                    const at::opmath_type<scalar_t>* offset, const int64_t* perm, scalar_t* y,
+                                    double* partial,
                                     int64_t batch, int64_t channels, int64_t n, double clamp) {
   using T = at::opmath_type<scalar_t>;
   const int64_t active = channels / 2;
@@ -617,19 +643,20 @@ std::tuple<at::Tensor, at::Tensor> coupling_affine_permute_fwd_cpu(const at::Ten
   const int64_t type = parse_affine_type(affine_type);
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2) * x.size(3);
   at::Tensor y = new_output(x.sizes(), x.options());
-  at::Tensor logdet = new_output({batch}, x.options());
+  at::Tensor logdet = new_output({batch}, x.options().dtype(acc_dtype(x)));
   at::Tensor partial = at::zeros({batch * channels}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_affine_permute_fwd_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
     const ChannelScales scales = channel_scales<scalar_t>(global_scale, type);
     dispatch_clamp_form(form, [&](auto form_tag) {
       constexpr int64_t FORM = decltype(form_tag)::value;
       coupling_affine_permute_kernel<scalar_t, FORM>(x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), scales,
-                                                     global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+                                                     global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(),
                                                      y.data_ptr<scalar_t>(), partial.data_ptr<double>(), batch,
                                                      channels, n, clamp);
     });
     reduce_planes(partial.data_ptr<double>(), batch, channels, 1.0, static_cast<double>(n) * scales.log_sum,
-                  logdet.data_ptr<scalar_t>());
+                  logdet.data_ptr<T>());
   });
   return {y, logdet};
 }
@@ -638,11 +665,11 @@ std::tuple<at::Tensor, at::Tensor> coupling_affine_permute_fwd_cpu(const at::Ten
 //   du[:, c] = gy[:, i] g_c; dg_c = sum gy[:, i] u[:, c] + HW sum_b gl_b / g_c; db_c = sum gy[:, i]
 //   passive c: dx = du; active c: dx = du e^s, da_s = (du x e^s + gl) s', da_t = k du
 template <typename scalar_t, int64_t FORM>
-void coupling_affine_permute_bwd_kernel(const scalar_t* grad_y, const scalar_t* grad_logdet, const scalar_t* x,
-                                        const scalar_t* a, const ChannelScales& scales, const int64_t* perm,
-                                        scalar_t* grad_x, scalar_t* grad_a, scalar_t* grad_scale,
-                                        scalar_t* grad_offset, int64_t batch, int64_t channels, int64_t n,
-                                        double clamp) {
+void coupling_affine_permute_bwd_kernel(const scalar_t* grad_y, const at::opmath_type<scalar_t>* grad_logdet,
+                                        const scalar_t* x, const scalar_t* a, const ChannelScales& scales,
+                                        const int64_t* perm, scalar_t* grad_x, scalar_t* grad_a,
+                                        at::opmath_type<scalar_t>* grad_scale, at::opmath_type<scalar_t>* grad_offset,
+                                        int64_t batch, int64_t channels, int64_t n, double clamp) {
   using T = at::opmath_type<scalar_t>;
   const int64_t active = channels / 2;
   const int64_t passive = channels - active;
@@ -693,8 +720,8 @@ void coupling_affine_permute_bwd_kernel(const scalar_t* grad_y, const scalar_t* 
           sum_gy += chunk_sum(gyp + start, len);
         }
       }
-      grad_scale[c] = static_cast<scalar_t>((sum_gy_u + static_cast<double>(n) * gl_sum / g64) * scales.dg[c]);
-      grad_offset[c] = static_cast<scalar_t>(sum_gy);
+      grad_scale[c] = static_cast<T>((sum_gy_u + static_cast<double>(n) * gl_sum / g64) * scales.dg[c]);
+      grad_offset[c] = static_cast<T>(sum_gy);
     }
   });
 }
@@ -709,17 +736,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_affine_permu
   const int64_t batch = x.size(0), channels = x.size(1), n = x.size(2) * x.size(3);
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_a = new_output(a.sizes(), a.options());
-  at::Tensor grad_scale = new_output(global_scale.sizes(), x.options());
-  at::Tensor grad_offset = new_output(global_scale.sizes(), x.options());
+  at::Tensor grad_scale = new_output(global_scale.sizes(), global_scale.options());
+  at::Tensor grad_offset = new_output(global_scale.sizes(), global_scale.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_affine_permute_bwd_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;
     const ChannelScales scales = channel_scales<scalar_t>(global_scale, type);
     dispatch_clamp_form(form, [&](auto form_tag) {
       constexpr int64_t FORM = decltype(form_tag)::value;
       coupling_affine_permute_bwd_kernel<scalar_t, FORM>(
-          grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+          grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(),
           a.data_ptr<scalar_t>(), scales, perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
-          grad_a.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(), batch,
-          channels, n, clamp);
+          grad_a.data_ptr<scalar_t>(), grad_scale.data_ptr<T>(), grad_offset.data_ptr<T>(), batch, channels, n,
+          clamp);
     });
   });
   return {grad_x, grad_a, grad_scale, grad_offset};

@@ -4,8 +4,10 @@ and the fused block tail (coupling, global affine and permutation in one pass).
 The maths is :mod:`msflow_fast.ops.reference`. Layout: every launcher makes its tensor inputs
 contiguous ``[B, C, H, W]`` (``N = H * W``) and returns contiguous outputs. Kernels compute in
 float32 (float64 for float64 inputs); float16/bfloat16 tensors are loaded and stored in their own
-dtype. Log-dets are ``[B]`` in nats, accumulated in the compute dtype and returned in the input
-dtype, as the reference does.
+dtype. Log-dets are ``[B]`` in nats, accumulated and returned in the compute dtype (float32 for
+float16/bfloat16 inputs), as the reference does. The per-channel parameters (``global_scale``,
+``global_offset``) are converted to the compute dtype on the host ([C], tiny; float32 parameters of
+half inputs are used unrounded) and their gradients are returned in the compute dtype.
 
 Reductions (log-det sums, gradients of the per-channel parameters) write one partial per program
 into a buffer that the launcher sums with ``torch.sum``: deterministic, no atomics.
@@ -553,7 +555,7 @@ def _affine_coupling_launch(kernel, x: torch.Tensor, a: torch.Tensor, clamp: flo
     acc = _compute_dtype(x.dtype)
     y = torch.empty_like(x)
     if batch == 0 or numel == 0:
-        return y, torch.zeros(batch, dtype=x.dtype, device=x.device)
+        return y, torch.zeros(batch, dtype=acc, device=x.device)
     block, num_warps = _elementwise_config(numel, x.device)
     num_blocks = triton.cdiv(numel, block)
     partials = torch.empty((batch, num_blocks), dtype=acc, device=x.device)
@@ -570,7 +572,7 @@ def _affine_coupling_launch(kernel, x: torch.Tensor, a: torch.Tensor, clamp: flo
         BLOCK=block,
         num_warps=num_warps,
     )
-    return y, partials.sum(dim=1).to(x.dtype)
+    return y, partials.sum(dim=1)
 
 
 def affine_coupling_fwd(
@@ -579,8 +581,8 @@ def affine_coupling_fwd(
     """Forward coupling ``y = x * exp(s) + t`` of ``x [B, C, H, W]`` with ``a [B, 2C, H, W]``.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])`` in x.dtype; the log-det is accumulated in float32 (float64
-        for float64 x).
+        ``(y [B, C, H, W] in x.dtype, logdet [B])``; the log-det is accumulated and returned in
+        float32 (float64 for float64 x).
     """
     return _affine_coupling_launch(_affine_coupling_fwd_kernel, x, a, clamp, clamp_form)
 
@@ -642,9 +644,11 @@ def affine_coupling_bwd(
 
 
 def _channel_params(x: torch.Tensor, global_scale: torch.Tensor, global_offset: torch.Tensor, perm: torch.Tensor):
+    # [C] each, parameters in the compute dtype (float32 ones of half x are not rounded to x.dtype)
+    acc = _compute_dtype(x.dtype)
     return (
-        global_scale.reshape(-1).contiguous(),
-        global_offset.reshape(-1).contiguous(),
+        global_scale.reshape(-1).to(acc).contiguous(),
+        global_offset.reshape(-1).to(acc).contiguous(),
         perm.reshape(-1).to(device=x.device, dtype=torch.int64).contiguous(),
     )
 
@@ -657,7 +661,7 @@ def _global_affine_permute_launch(kernel, x, global_scale, global_offset, perm, 
     acc = _compute_dtype(x.dtype)
     y = torch.empty_like(x)
     if batch == 0 or pixels == 0 or channels == 0:
-        return y, torch.zeros(batch, dtype=x.dtype, device=x.device)
+        return y, torch.zeros(batch, dtype=acc, device=x.device)
     block_c, block_n, num_warps = _tile_config(channels, pixels, x.device)
     num_c_blocks = triton.cdiv(channels, block_c)
     partials = torch.empty(num_c_blocks, dtype=acc, device=x.device)
@@ -676,7 +680,7 @@ def _global_affine_permute_launch(kernel, x, global_scale, global_offset, perm, 
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    logdet = (pixels * partials.sum()).to(x.dtype).expand(batch).contiguous()
+    logdet = (pixels * partials.sum()).expand(batch).contiguous()
     return y, logdet
 
 
@@ -692,11 +696,12 @@ def global_affine_permute_fwd(
 
     Args:
         x: ``[B, C, H, W]``.
-        global_scale, global_offset: ``C`` elements each (any shape), in x.dtype.
+        global_scale, global_offset: ``C`` elements each (any shape), in x.dtype or float32; used
+            in the compute dtype.
         perm: int64 ``[C]`` permutation.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B] = H * W * sum_c log g_c)``.
+        ``(y [B, C, H, W], logdet [B] = H * W * sum_c log g_c)``, the log-det in the compute dtype.
     """
     return _global_affine_permute_launch(
         _global_affine_permute_fwd_kernel, x, global_scale, global_offset, perm, affine_type
@@ -731,8 +736,8 @@ def global_affine_permute_bwd(
     """Gradients of :func:`global_affine_permute_fwd` (or ``_inv`` with ``reverse=True``).
 
     Returns:
-        ``(grad_x [B, C, H, W], grad_global_scale [C], grad_global_offset [C])`` in x.dtype; the
-        per-channel gradients are reduced over ``B, H, W`` in the compute dtype.
+        ``(grad_x [B, C, H, W], grad_global_scale [C], grad_global_offset [C])``: ``grad_x`` in
+        x.dtype, the per-channel gradients reduced over ``B, H, W`` and returned in the compute dtype.
     """
     x = x.contiguous()
     grad_y = grad_y.contiguous()
@@ -743,7 +748,7 @@ def global_affine_permute_bwd(
     acc = _compute_dtype(x.dtype)
     grad_x = torch.empty_like(x)
     if batch == 0 or pixels == 0 or channels == 0:
-        zeros = torch.zeros(channels, dtype=x.dtype, device=x.device)
+        zeros = torch.zeros(channels, dtype=acc, device=x.device)
         return grad_x, zeros, zeros.clone()
     block_c, block_n, num_warps = _tile_config(channels, pixels, x.device)
     num_n_blocks = triton.cdiv(pixels, block_n)
@@ -771,7 +776,7 @@ def global_affine_permute_bwd(
         BLOCK_B=max(2, triton.next_power_of_2(batch)),
         num_warps=num_warps,
     )
-    return grad_x, grad_scale.sum(dim=0).to(x.dtype), grad_offset.sum(dim=0).to(x.dtype)
+    return grad_x, grad_scale.sum(dim=0), grad_offset.sum(dim=0)
 
 
 def _check_block_tail(x: torch.Tensor, a: torch.Tensor) -> tuple[int, int]:
@@ -801,10 +806,12 @@ def coupling_affine_permute_fwd(
     Args:
         x: ``[B, C, H, W]``, passive half ``x[:, :C - C // 2]``, active half the rest.
         a: ``[B, 2 * (C // 2), H, W]`` raw subnet output.
-        global_scale, global_offset: ``C`` elements each, in x.dtype; perm: int64 ``[C]``.
+        global_scale, global_offset: ``C`` elements each, in x.dtype or float32 (used in the compute
+            dtype); perm: int64 ``[C]``.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])``: coupling plus global-affine log-det in nats.
+        ``(y [B, C, H, W], logdet [B])``: coupling plus global-affine log-det in nats, in the
+        compute dtype.
     """
     x = x.contiguous()
     a = a.contiguous()
@@ -815,7 +822,7 @@ def coupling_affine_permute_fwd(
     acc = _compute_dtype(x.dtype)
     y = torch.empty_like(x)
     if batch == 0 or pixels == 0:
-        return y, torch.zeros(batch, dtype=x.dtype, device=x.device)
+        return y, torch.zeros(batch, dtype=acc, device=x.device)
     block_c, block_n, num_warps = _tile_config(channels, pixels, x.device)
     num_n_blocks = triton.cdiv(pixels, block_n)
     num_c_blocks = triton.cdiv(channels, block_c)
@@ -840,7 +847,7 @@ def coupling_affine_permute_fwd(
         BLOCK_N=block_n,
         num_warps=num_warps,
     )
-    return y, partials.sum(dim=1).to(x.dtype)
+    return y, partials.sum(dim=1)
 
 
 def coupling_affine_permute_bwd(
@@ -860,7 +867,7 @@ def coupling_affine_permute_bwd(
 
     Returns:
         ``(grad_x [B, C, H, W], grad_a [B, 2 * (C // 2), H, W], grad_global_scale [C],
-        grad_global_offset [C])`` in x.dtype.
+        grad_global_offset [C])``: element gradients in x.dtype, per-channel ones in the compute dtype.
     """
     x = x.contiguous()
     a = a.contiguous()
@@ -874,7 +881,7 @@ def coupling_affine_permute_bwd(
     grad_x = torch.empty_like(x)
     grad_a = torch.empty_like(a)
     if batch == 0 or pixels == 0:
-        zeros = torch.zeros(channels, dtype=x.dtype, device=x.device)
+        zeros = torch.zeros(channels, dtype=acc, device=x.device)
         return grad_x, grad_a, zeros, zeros.clone()
     block_c, block_n, num_warps = _tile_config(channels, pixels, x.device)
     num_n_blocks = triton.cdiv(pixels, block_n)
@@ -906,7 +913,7 @@ def coupling_affine_permute_bwd(
         BLOCK_B=max(2, triton.next_power_of_2(batch)),
         num_warps=num_warps,
     )
-    return grad_x, grad_a, grad_scale.sum(dim=0).to(x.dtype), grad_offset.sum(dim=0).to(x.dtype)
+    return grad_x, grad_a, grad_scale.sum(dim=0), grad_offset.sum(dim=0)
 
 
 __all__ = [

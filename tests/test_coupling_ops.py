@@ -427,8 +427,88 @@ def test_half_precision_matches_reference(backend, op, dtype):
     eager = ref(*[t.to(dtype) for t in inputs])
     actual = fused(*[t.to(dtype) for t in inputs])
     assert actual[0].dtype == dtype
+    assert actual[1].dtype == eager[1].dtype == torch.float32, "half inputs give float32 log-dets"
     assert_close_to_reference("y", actual[0], eager[0], exact[0])
-    assert_close_to_reference("logdet", actual[1].to(dtype), eager[1], exact[1])
+    assert_close_to_reference("logdet", actual[1], eager[1], exact[1])
+
+
+def _rounding_sensitive_params(channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``gamma = 9.9865 + noise`` (g ~ 1.0013) and offset, ``[1, C, 1, 1]``.
+
+    9.9865 rounds to 9.984375 in float16 and to 10.0 in bfloat16: ``log g`` moves by ~2e-4 and
+    ~1.3e-3 nats per channel and pixel, i.e. by nats over a whole sample, if the op were to round
+    the parameters to x's dtype.
+    """
+    gamma = 9.9865 + 1e-3 * torch.randn(1, channels, 1, 1, dtype=torch.float64, device=DEVICE)
+    offset = 0.3 + 0.1 * torch.randn(1, channels, 1, 1, dtype=torch.float64, device=DEVICE)
+    return gamma.float(), offset.float()
+
+
+def _all_backends_for_params() -> list[str]:
+    return sorted({b for op in ("global_affine_permute", "coupling_affine_permute") for b in _backends(op)})
+
+
+_FLOAT32_PARAM_CASES = ["global_affine_permute-fwd", "global_affine_permute-rev", "coupling_affine_permute"]
+
+
+@pytest.mark.parametrize("backend", ["reference", *_all_backends_for_params()])
+@pytest.mark.parametrize("case", _FLOAT32_PARAM_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+def test_half_inputs_use_float32_parameters_unrounded(backend, case, dtype):
+    """Half x with float32 global_scale/global_offset: the parameters are used in float32, never
+    rounded to x's dtype; log-det float32 and tight against float64; y in x's dtype; parameter
+    gradients float32 and close to float64."""
+    op = case.split("-")[0]
+    if backend != "reference" and backend not in _backends(op):
+        pytest.skip(f"{backend} has no {op}")
+    b, c, h, w = 2, 64, 13, 17
+    # half-precision inputs; the float64 oracle sees exactly the same (rounded) values
+    x = torch.randn(b, c, h, w, device=DEVICE).to(dtype)
+    a = (4.0 * torch.randn(b, 2 * (c // 2), h, w, device=DEVICE)).to(dtype)
+    gamma, offset = _rounding_sensitive_params(c)
+    perm = _perm(c)
+    if op == "global_affine_permute":
+        reverse = case.endswith("rev")
+        inputs = [x, gamma, offset]
+        fused = lambda x_, g_, o_: ops.global_affine_permute(  # noqa: E731
+            x_, g_, o_, perm, reverse=reverse, backend=backend
+        )
+        ref = lambda x_, g_, o_: reference.global_affine_permute(x_, g_, o_, perm, reverse=reverse)  # noqa: E731
+    else:
+        inputs = [x, a, gamma, offset]
+        fused = lambda x_, a_, g_, o_: ops.coupling_affine_permute(  # noqa: E731
+            x_, a_, g_, o_, perm, clamp=CLAMP, backend=backend
+        )
+        ref = lambda x_, a_, g_, o_: reference.coupling_affine_permute(x_, a_, g_, o_, perm, clamp=CLAMP)  # noqa: E731
+    gy = torch.randn(b, c, h, w, device=DEVICE).to(dtype)
+    gl = torch.randn(b, dtype=torch.float32, device=DEVICE)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    y, logdet = fused(*leaves)
+    grads = torch.autograd.grad((y, logdet), leaves, (gy, gl))
+    exact_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    y_exact, logdet_exact = ref(*exact_leaves)
+    grads_exact = torch.autograd.grad((y_exact, logdet_exact), exact_leaves, (gy.double(), gl.double()))
+
+    assert y.dtype == dtype, f"y must keep x's dtype {dtype}, got {y.dtype}"
+    assert logdet.dtype == torch.float32, f"the log-det of {dtype} inputs must be float32, got {logdet.dtype}"
+    # float32 arithmetic only: ~1e-7 relative per term over C * H * W terms (a rounded gamma is off by nats)
+    logdet_tol = 2e-6 * c * h * w
+    logdet_err = (logdet.double() - logdet_exact).abs().max().item()
+    assert logdet_err <= logdet_tol, f"logdet: max error {logdet_err:.3e} nats > {logdet_tol:.3e}"
+    eps = torch.finfo(dtype).eps
+    y_scale = y_exact.abs().max().item()
+    torch.testing.assert_close(y.double(), y_exact.detach(), rtol=eps, atol=eps * y_scale)
+    # The reference composition rounds the coupled half u to x's dtype before the global affine
+    # (relative eps / 2), and d/dgamma sums gy * u; the fused backwards recompute u unrounded.
+    grad_rtol = max(1e-4, eps / 4) if (backend == "reference" and op == "coupling_affine_permute") else 1e-4
+    for name, leaf, g, g_exact in zip(("global_scale", "global_offset"), leaves[-2:], grads[-2:], grads_exact[-2:]):
+        assert g.dtype == leaf.dtype == torch.float32, f"grad {name} must be float32 like the parameter, got {g.dtype}"
+        scale = g_exact.abs().max().item()
+        torch.testing.assert_close(
+            g.double(), g_exact, rtol=0, atol=grad_rtol * scale, msg=lambda m: f"grad {name}: {m}"
+        )
+    for g in grads[:-2]:
+        assert g.dtype == dtype, f"element gradients keep x's dtype {dtype}, got {g.dtype}"
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -471,6 +551,30 @@ def test_dtype_mismatch_raises(backend):
         ops.coupling_affine_permute(x, a.float(), gamma, offset, perm, clamp=CLAMP, backend=backend)
     with pytest.raises(TypeError, match="x must have a floating dtype"):
         ops.global_affine_permute(x.long(), gamma, offset, perm, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_all_backends_for_params()])
+def test_parameter_dtypes_are_checked(backend):
+    x, a, gamma, offset, perm = _block_inputs(torch.float32)
+    a = a[:, :4]
+    # x's dtype, or float32 for half x: accepted
+    ops.global_affine_permute(x, gamma, offset, perm, backend=backend)
+    ops.global_affine_permute(x.half(), gamma, offset, perm, backend=backend)
+    ops.global_affine_permute(x.half(), gamma.half(), offset.half(), perm, backend=backend)
+    ops.coupling_affine_permute(
+        x.bfloat16(), a.bfloat16(), gamma, offset.bfloat16(), perm, clamp=CLAMP, backend=backend
+    )
+    # anything else: TypeError naming the argument
+    with pytest.raises(TypeError, match=r"global_scale has dtype torch.float64 but x has torch.float32"):
+        ops.global_affine_permute(x, gamma.double(), offset, perm, backend=backend)
+    with pytest.raises(TypeError, match=r"global_offset has dtype torch.float16 but x has torch.float32"):
+        ops.coupling_affine_permute(x, a, gamma, offset.half(), perm, clamp=CLAMP, backend=backend)
+    with pytest.raises(TypeError, match=r"global_scale has dtype torch.bfloat16 but x has torch.float16.*float32"):
+        ops.global_affine_permute(x.half(), gamma.bfloat16(), offset, perm, backend=backend)
+    with pytest.raises(TypeError, match=r"global_offset has dtype torch.float64 but x has torch.bfloat16"):
+        ops.coupling_affine_permute(
+            x.bfloat16(), a.bfloat16(), gamma, offset.double(), perm, clamp=CLAMP, backend=backend
+        )
 
 
 @pytest.mark.parametrize("backend", _all_backends())

@@ -61,7 +61,9 @@ def _compare(name, fn_cpp, fn_ref, inputs, dtype, *, out_names=("y", "logdet"), 
     eager_outs, eager_grads = _grads_of(fn_ref, [t.to(dtype) for t in inputs], [g.to(dtype) for g in cotangents])
     exact_outs, exact_grads = _grads_of(fn_ref, exact_inputs, cotangents)
     for label, actual, eager, exact in zip(out_names, outs, eager_outs, exact_outs):
-        assert actual.dtype == dtype
+        # log-dets of half inputs are float32, element outputs keep the input dtype
+        assert actual.dtype == (ref.compute_dtype(dtype) if label == "logdet" else dtype), (label, actual.dtype)
+        assert actual.dtype == eager.dtype
         assert_close_to_reference(f"{name} {label}", actual, eager, exact)
     for label, actual, eager, exact in zip(in_names, grads, eager_grads, exact_grads):
         assert actual.shape == exact.shape
@@ -200,6 +202,40 @@ def test_half_dtypes_compute_in_float32(dtype):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "op", ["global_affine_permute_fwd", "global_affine_permute_inv", "coupling_affine_permute_fwd"]
+)
+def test_half_inputs_read_float32_parameters(op, dtype):
+    """At the torch.ops level the parameters of half x are float32 [C] tensors read as they are:
+    the log-det equals the float64 value from those parameters (a rounded gamma = 9.9865 is off by
+    nats) and the parameter gradients are float32."""
+    b, c, h, w = 2, 64, 9, 11
+    x = torch.randn(b, c, h, w, device=DEVICE).to(dtype)
+    a = (4.0 * torch.randn(b, 2 * (c // 2), h, w, device=DEVICE)).to(dtype)
+    gamma = (9.9865 + 1e-3 * torch.randn(c, dtype=torch.float64, device=DEVICE)).float()
+    offset = (0.3 + 0.1 * torch.randn(c, dtype=torch.float64, device=DEVICE)).float()
+    perm = torch.randperm(c, device=DEVICE)
+    leaves = [gamma.clone().requires_grad_(), offset.clone().requires_grad_()]
+    exact_leaves = [gamma.double().requires_grad_(), offset.double().requires_grad_()]
+    if op == "coupling_affine_permute_fwd":
+        y, logdet = msops.coupling_affine_permute_fwd(x, a, *leaves, perm, CLAMP, "tanh", "SOFTPLUS")
+        y_exact, logdet_exact = ref.coupling_affine_permute(x.double(), a.double(), *exact_leaves, perm, clamp=CLAMP)
+    else:
+        reverse = op.endswith("inv")
+        y, logdet = getattr(msops, op)(x, *leaves, perm, "SOFTPLUS")
+        y_exact, logdet_exact = ref.global_affine_permute(x.double(), *exact_leaves, perm, reverse=reverse)
+    assert y.dtype == dtype and logdet.dtype == torch.float32
+    err = (logdet.double() - logdet_exact).abs().max().item()
+    assert err <= 2e-6 * c * h * w, f"logdet: max error {err:.3e} nats"
+    gy, gl = torch.randn_like(y), torch.randn(b, device=DEVICE)
+    grads = torch.autograd.grad((y, logdet), leaves, (gy, gl))
+    grads_exact = torch.autograd.grad((y_exact, logdet_exact), exact_leaves, (gy.double(), gl.double()))
+    for g, g_exact in zip(grads, grads_exact):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), g_exact, rtol=0, atol=1e-4 * g_exact.abs().max().item())
+
+
 def test_round_trips_are_exact_inverses():
     x, a, gamma, offset, perm = _block_inputs((3, 7, 13, 17), 7, torch.float64)
     y, logdet = cpp.affine_coupling(x, a, clamp=CLAMP)
@@ -260,9 +296,11 @@ def _op_cases(dtype):
     b, c, h, w = 2, 5, 3, 4
     active = c // 2
     x, a, gamma, offset, perm = _block_inputs((b, c, h, w), active, dtype)
-    a_full = 4.0 * torch.randn(b, 2 * c, h, w, dtype=dtype, device=DEVICE)
-    gamma, offset = gamma.reshape(c), offset.reshape(c)
-    gy, gl = torch.randn_like(x), torch.randn(b, dtype=dtype, device=DEVICE)
+    a_full = (4.0 * torch.randn(b, 2 * c, h, w, dtype=torch.float64, device=DEVICE)).to(dtype)
+    # parameters, log-dets and their gradients in the accumulation dtype (float32 for half x)
+    acc = ref.compute_dtype(dtype)
+    gamma, offset = gamma.reshape(c).to(acc), offset.reshape(c).to(acc)
+    gy, gl = torch.randn_like(x), torch.randn(b, dtype=acc, device=DEVICE)
 
     def rg(t):
         return t.clone().requires_grad_(True)
@@ -310,7 +348,7 @@ def _op_cases(dtype):
 _OPCHECK_NAMES = [name for name, _, _ in _op_cases(torch.float64)]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", _OPCHECK_NAMES)
 def test_opcheck(case, dtype):
     name, op, args = next(c for c in _op_cases(dtype) if c[0] == case)
@@ -367,6 +405,16 @@ def _bad_calls():
         ("grad_logdet must have shape", msops.affine_coupling_bwd, (gy, gl[:1], x, a, CLAMP, "tanh", False)),
         ("global_scale must have shape", msops.global_affine_permute_fwd, (x, g[:2], o, perm, "SOFTPLUS")),
         ("global_offset has dtype", msops.global_affine_permute_fwd, (x, g, o.double(), perm, "SOFTPLUS")),
+        (  # parameters of half x are float32 at this level (the Python functions convert them)
+            "global_scale has dtype Half but must have Float",
+            msops.global_affine_permute_fwd,
+            (x.half(), g.half(), o, perm, "SOFTPLUS"),
+        ),
+        (
+            "grad_logdet has dtype BFloat16 but must have Float",
+            msops.affine_coupling_bwd,
+            (gy.bfloat16(), gl.bfloat16(), x.bfloat16(), a.bfloat16(), CLAMP, "tanh", False),
+        ),
         ("perm must have dtype int64", msops.global_affine_permute_inv, (x, g, o, perm.int(), "SOFTPLUS")),
         ("perm must have shape", msops.global_affine_permute_inv, (x, g, o, perm[:2], "SOFTPLUS")),
         ("affine_type must be one of", msops.global_affine_permute_fwd, (x, g, o, perm, "softplus")),

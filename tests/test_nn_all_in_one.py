@@ -403,6 +403,44 @@ def test_autocast_keeps_the_coupling_in_the_input_dtype():
     torch.testing.assert_close(x_back, x, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("rev", [False, True], ids=["fwd", "rev"])
+def test_autocast_bf16_input_uses_the_float32_parameters_unrounded(backend, rev):
+    # A bfloat16 input under CPU autocast (features of a bf16 backbone): the fused ops get bf16 x and
+    # the block's float32 global_scale / global_offset, which stay float32 and are used unrounded
+    # (gamma = 9.9865 would round to 10.0 in bf16: ~1.3e-3 nats per channel and pixel).
+    torch.manual_seed(7)
+    channels, spatial = 64, (9, 11)
+    block = AllInOneBlock([(channels, 1, 1)], subnet_constructor=subnet_conv_ln, affine_clamping=1.9)
+    with torch.no_grad():
+        block.global_scale.copy_(9.9865 + 1e-3 * torch.randn_like(block.global_scale))
+        block.global_offset.normal_(0.3, 0.1)
+    x = torch.randn(2, channels, *spatial).to(torch.bfloat16)
+    subnet_out = []
+    block.subnet.register_forward_hook(lambda module, inputs, out: subnet_out.append(out.detach()))
+    with ops.use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+        (y,), logdet = block([x], rev=rev)
+    assert block.global_scale.dtype == block.global_offset.dtype == torch.float32
+    assert y.dtype == torch.bfloat16, y.dtype
+    assert logdet.dtype == torch.float32, logdet.dtype
+    (y.float().square().sum() - logdet.sum()).backward()
+    assert block.global_scale.grad.dtype == block.global_offset.grad.dtype == torch.float32
+    assert torch.isfinite(block.global_scale.grad).all() and torch.isfinite(block.global_offset.grad).all()
+    # float64 oracle on the same (rounded) input and subnet output, with the float32 parameters
+    a = subnet_out[0].to(torch.bfloat16).double()
+    gamma, offset, perm = block.global_scale.double(), block.global_offset.double(), block.perm_index
+    if rev:
+        u, ld_global = ops.reference.global_affine_permute(x.double(), gamma, offset, perm, reverse=True)
+        passive = channels - channels // 2
+        _, ld_coupling = ops.reference.affine_coupling(u[:, passive:], a, clamp=1.9, reverse=True)
+        expected = ld_global + ld_coupling
+    else:
+        _, expected = ops.reference.coupling_affine_permute(x.double(), a, gamma, offset, perm, clamp=1.9)
+    tol = 2e-6 * channels * spatial[0] * spatial[1]  # float32 arithmetic; a bf16-rounded gamma is off by ~8 nats
+    err = (logdet.double() - expected).abs().max().item()
+    assert err <= tol, f"logdet: max error {err:.3e} nats > {tol:.3e}"
+
+
 def test_deepcopy_and_pickle_keep_the_load_hooks(tmp_path):
     block = AllInOneBlock([(5, 1, 1)], subnet_constructor=subnet_conv_ln)
     clone = copy.deepcopy(block)
@@ -441,3 +479,57 @@ def test_batch_constant_condition_takes_the_split_subnet_path_with_the_same_resu
     torch.testing.assert_close(gx_split, gx_cat, rtol=1e-12, atol=1e-12)
     for name in gp_cat:
         torch.testing.assert_close(gp_split[name], gp_cat[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_inference_caches_the_condition_term_until_an_input_changes():
+    # Without autograd the batch-constant share of conv1 is computed once and reused; any change
+    # of the condition or of conv1's weights (in place or replaced) recomputes it.
+    torch.manual_seed(6)
+    subnet = subnet_conv_ln(3 + 4, 6).double()
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
+    cond = torch.randn(1, 4, 5, 6, dtype=torch.float64)
+    calls = []
+    real_conv2d = torch.nn.functional.conv2d
+
+    def counting_conv2d(inp, weight, *args, **kwargs):
+        calls.append(inp.shape[0])
+        return real_conv2d(inp, weight, *args, **kwargs)
+
+    def expected():
+        return subnet(torch.cat([x, cond.expand(2, -1, -1, -1)], dim=1))
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "conv2d", counting_conv2d)
+        first = subnet.forward_split(x, [cond.expand(2, -1, -1, -1)])
+        again = subnet.forward_split(x, [cond.expand(2, -1, -1, -1)])
+        assert calls.count(1) == 1, "the condition term must be computed once and then reused"
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        torch.testing.assert_close(first, expected(), rtol=1e-12, atol=1e-12)
+        cond.add_(0.5)  # in place: new version
+        torch.testing.assert_close(subnet.forward_split(x, [cond.expand(2, -1, -1, -1)]), expected(), rtol=1e-12, atol=1e-12)
+        subnet.conv1.weight.mul_(0.9)
+        torch.testing.assert_close(subnet.forward_split(x, [cond.expand(2, -1, -1, -1)]), expected(), rtol=1e-12, atol=1e-12)
+        subnet.conv1.bias.data = subnet.conv1.bias.data + 1.0  # replaced storage
+        torch.testing.assert_close(subnet.forward_split(x, [cond.expand(2, -1, -1, -1)]), expected(), rtol=1e-12, atol=1e-12)
+        cond = torch.randn(1, 4, 5, 6, dtype=torch.float64)  # a new tensor
+        torch.testing.assert_close(subnet.forward_split(x, [cond.expand(2, -1, -1, -1)]), expected(), rtol=1e-12, atol=1e-12)
+        assert calls.count(1) == 5
+    # With autograd nothing is cached: gradients reach conv1 through the condition term.
+    out = subnet.forward_split(x, [cond.expand(2, -1, -1, -1)])
+    out.sum().backward()
+    assert subnet.conv1.bias.grad is not None and subnet.conv1.bias.grad.abs().sum() > 0
+
+
+def test_condition_cache_follows_autocast():
+    torch.manual_seed(7)
+    subnet = subnet_conv_ln(3 + 4, 6)
+    x = torch.randn(2, 3, 5, 6)
+    cond = torch.randn(1, 4, 5, 6).expand(2, -1, -1, -1)
+    with torch.no_grad():
+        plain = subnet.forward_split(x, [cond])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = subnet.forward_split(x, [cond])
+        again = subnet.forward_split(x, [cond])
+    assert low.dtype == torch.bfloat16 and plain.dtype == again.dtype == torch.float32
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    torch.testing.assert_close(low.float(), plain, rtol=0.05, atol=0.05)

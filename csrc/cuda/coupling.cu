@@ -6,7 +6,8 @@
 // are a block reduction plus one atomicAdd per block. Parameter gradients use a grid of
 // (blocks, C) with a grid-stride loop over the B * N elements of one channel. Compute and
 // accumulation type T = at::opmath_type<scalar_t> (float for float32/half/bfloat16, double
-// for double).
+// for double). As on CPU, the per-channel parameters, the log-dets, grad_logdet and the parameter
+// gradients are T tensors (float32 parameters of half inputs are used unrounded).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -150,13 +151,14 @@ __global__ void affine_coupling_kernel(const scalar_t* __restrict__ x, const sca
 //   reverse: dx = gy e^-s, da_s = -(gy y + gl) s' with y = (x - t) e^-s, da_t = -k gy e^-s
 template <typename scalar_t, int64_t FORM, bool REVERSE>
 __global__ void affine_coupling_bwd_kernel(const scalar_t* __restrict__ grad_y,
-                                           const scalar_t* __restrict__ grad_logdet, const scalar_t* __restrict__ x,
+                                           const at::opmath_type<scalar_t>* __restrict__ grad_logdet,
+                                           const scalar_t* __restrict__ x,
                                            const scalar_t* __restrict__ a, scalar_t* __restrict__ grad_x,
                                            scalar_t* __restrict__ grad_a, int64_t cn,
                                            at::opmath_type<scalar_t> alpha) {
   using T = at::opmath_type<scalar_t>;
   const int64_t b = blockIdx.y;
-  const T gl = static_cast<T>(grad_logdet[b]);
+  const T gl = grad_logdet[b];
   const scalar_t* gyb = grad_y + b * cn;
   const scalar_t* xb = x + b * cn;
   const scalar_t* a_s = a + b * 2 * cn;
@@ -187,7 +189,8 @@ __global__ void affine_coupling_bwd_kernel(const scalar_t* __restrict__ grad_y,
 
 // One block: g[c], dg[c] and logdet[b] = sign * N * sum_c log g_c for every b.
 template <typename scalar_t>
-__global__ void channel_scale_kernel(const scalar_t* __restrict__ gamma, at::opmath_type<scalar_t>* __restrict__ g,
+__global__ void channel_scale_kernel(const at::opmath_type<scalar_t>* __restrict__ gamma,
+                                     at::opmath_type<scalar_t>* __restrict__ g,
                                      at::opmath_type<scalar_t>* __restrict__ dg,
                                      at::opmath_type<scalar_t>* __restrict__ logdet, int64_t channels,
                                      int64_t batch, at::opmath_type<scalar_t> signed_n, int64_t affine_type) {
@@ -196,7 +199,7 @@ __global__ void channel_scale_kernel(const scalar_t* __restrict__ gamma, at::opm
   T log_sum = T(0);
   for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
     T dgc;
-    const T gc = global_scale_and_grad(static_cast<T>(gamma[c]), affine_type, dgc);
+    const T gc = global_scale_and_grad(gamma[c], affine_type, dgc);
     g[c] = gc;
     dg[c] = dgc;
     log_sum += dev_log(gc);
@@ -211,8 +214,9 @@ __global__ void channel_scale_kernel(const scalar_t* __restrict__ gamma, at::opm
 template <typename scalar_t, bool REVERSE>
 __global__ void global_affine_permute_kernel(const scalar_t* __restrict__ x,
                                              const at::opmath_type<scalar_t>* __restrict__ g,
-                                             const scalar_t* __restrict__ offset, const int64_t* __restrict__ perm,
-                                             scalar_t* __restrict__ y, int64_t channels, int64_t n) {
+                                             const at::opmath_type<scalar_t>* __restrict__ offset,
+                                             const int64_t* __restrict__ perm, scalar_t* __restrict__ y,
+                                             int64_t channels, int64_t n) {
   using T = at::opmath_type<scalar_t>;
   const int64_t cn = channels * n;
   const int64_t b = blockIdx.y;
@@ -223,9 +227,9 @@ __global__ void global_affine_permute_kernel(const scalar_t* __restrict__ x,
     const int64_t k = j - i * n;
     const int64_t c = perm[i];
     if constexpr (REVERSE) {
-      yb[c * n + k] = static_cast<scalar_t>((static_cast<T>(xb[j]) - static_cast<T>(offset[c])) / g[c]);
+      yb[c * n + k] = static_cast<scalar_t>((static_cast<T>(xb[j]) - offset[c]) / g[c]);
     } else {
-      yb[j] = static_cast<scalar_t>(static_cast<T>(xb[c * n + k]) * g[c] + static_cast<T>(offset[c]));
+      yb[j] = static_cast<scalar_t>(static_cast<T>(xb[c * n + k]) * g[c] + offset[c]);
     }
   }
 }
@@ -236,7 +240,7 @@ __global__ void global_affine_permute_kernel(const scalar_t* __restrict__ x,
 template <typename scalar_t, bool REVERSE>
 __global__ void global_affine_permute_bwd_kernel(const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ x,
                                                  const at::opmath_type<scalar_t>* __restrict__ g,
-                                                 const scalar_t* __restrict__ offset,
+                                                 const at::opmath_type<scalar_t>* __restrict__ offset,
                                                  const int64_t* __restrict__ perm, scalar_t* __restrict__ grad_x,
                                                  at::opmath_type<scalar_t>* __restrict__ sum_gy_v,
                                                  at::opmath_type<scalar_t>* __restrict__ sum_gy, int64_t channels,
@@ -248,7 +252,7 @@ __global__ void global_affine_permute_bwd_kernel(const scalar_t* __restrict__ gr
   const int64_t in_ch = REVERSE ? i : c;
   const int64_t cn = channels * n;
   const T gc = g[c];
-  const T off = static_cast<T>(offset[c]);
+  const T off = offset[c];
   T s1 = T(0);
   T s2 = T(0);
   for (int64_t q = thread_start(); q < batch * n; q += thread_stride()) {
@@ -281,13 +285,14 @@ __global__ void channel_grad_kernel(const at::opmath_type<scalar_t>* __restrict_
                                     const at::opmath_type<scalar_t>* __restrict__ sum_gy,
                                     const at::opmath_type<scalar_t>* __restrict__ g,
                                     const at::opmath_type<scalar_t>* __restrict__ dg,
-                                    const scalar_t* __restrict__ grad_logdet, scalar_t* __restrict__ grad_scale,
-                                    scalar_t* __restrict__ grad_offset, int64_t channels, int64_t batch,
-                                    at::opmath_type<scalar_t> n) {
+                                    const at::opmath_type<scalar_t>* __restrict__ grad_logdet,
+                                    at::opmath_type<scalar_t>* __restrict__ grad_scale,
+                                    at::opmath_type<scalar_t>* __restrict__ grad_offset, int64_t channels,
+                                    int64_t batch, at::opmath_type<scalar_t> n) {
   using T = at::opmath_type<scalar_t>;
   for (int64_t c = thread_start(); c < channels; c += thread_stride()) {
     T gl_sum = T(0);
-    for (int64_t b = 0; b < batch; ++b) gl_sum += static_cast<T>(grad_logdet[b]);
+    for (int64_t b = 0; b < batch; ++b) gl_sum += grad_logdet[b];
     T d_g, d_b;
     if constexpr (REVERSE) {
       d_g = -(sum_gy_v[c] + n * gl_sum) / g[c];
@@ -296,8 +301,8 @@ __global__ void channel_grad_kernel(const at::opmath_type<scalar_t>* __restrict_
       d_g = sum_gy_v[c] + n * gl_sum / g[c];
       d_b = sum_gy[c];
     }
-    grad_scale[c] = static_cast<scalar_t>(d_g * dg[c]);
-    grad_offset[c] = static_cast<scalar_t>(d_b);
+    grad_scale[c] = d_g * dg[c];
+    grad_offset[c] = d_b;
   }
 }
 
@@ -305,7 +310,7 @@ __global__ void channel_grad_kernel(const at::opmath_type<scalar_t>* __restrict_
 template <typename scalar_t, int64_t FORM>
 __global__ void coupling_affine_permute_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ a,
                                                const at::opmath_type<scalar_t>* __restrict__ g,
-                                               const scalar_t* __restrict__ offset,
+                                               const at::opmath_type<scalar_t>* __restrict__ offset,
                                                const int64_t* __restrict__ perm, scalar_t* __restrict__ y,
                                                at::opmath_type<scalar_t>* __restrict__ logdet, int64_t channels,
                                                int64_t n, at::opmath_type<scalar_t> alpha) {
@@ -331,7 +336,7 @@ __global__ void coupling_affine_permute_kernel(const scalar_t* __restrict__ x, c
       u = static_cast<T>(static_cast<scalar_t>(u * dev_exp(s) + kt * static_cast<T>(ab[a_off + active * n])));
       sum += s;
     }
-    yb[j] = static_cast<scalar_t>(u * g[c] + static_cast<T>(offset[c]));
+    yb[j] = static_cast<scalar_t>(u * g[c] + offset[c]);
   }
   sum = block_sum(sum);
   if (threadIdx.x == 0) atomicAdd(logdet + b, sum);
@@ -342,8 +347,8 @@ __global__ void coupling_affine_permute_kernel(const scalar_t* __restrict__ x, c
 //   sum_gy_v[c] += sum gy[:, i] u[:, c]; sum_gy[c] += sum gy[:, i]
 template <typename scalar_t, int64_t FORM>
 __global__ void coupling_affine_permute_bwd_kernel(
-    const scalar_t* __restrict__ grad_y, const scalar_t* __restrict__ grad_logdet, const scalar_t* __restrict__ x,
-    const scalar_t* __restrict__ a, const at::opmath_type<scalar_t>* __restrict__ g,
+    const scalar_t* __restrict__ grad_y, const at::opmath_type<scalar_t>* __restrict__ grad_logdet,
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ a, const at::opmath_type<scalar_t>* __restrict__ g,
     const int64_t* __restrict__ perm, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_a,
     at::opmath_type<scalar_t>* __restrict__ sum_gy_v, at::opmath_type<scalar_t>* __restrict__ sum_gy,
     int64_t channels, int64_t batch, int64_t n, at::opmath_type<scalar_t> alpha) {
@@ -374,7 +379,7 @@ __global__ void coupling_affine_permute_bwd_kernel(
       const T e = dev_exp(s);
       const T u = xv * e + kt * static_cast<T>(a[a_off + active * n]);
       grad_x[x_off] = static_cast<scalar_t>(gu * e);
-      grad_a[a_off] = static_cast<scalar_t>((gu * xv * e + static_cast<T>(grad_logdet[b])) * ds);
+      grad_a[a_off] = static_cast<scalar_t>((gu * xv * e + grad_logdet[b]) * ds);
       grad_a[a_off + active * n] = static_cast<scalar_t>(kt * gu);
       s1 += gy * u;
     }
@@ -445,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cuda(const at::Tensor& x, con
       });
     });
   }
-  return {y, acc.to(x.scalar_type())};
+  return {y, acc};
 }
 
 std::tuple<at::Tensor, at::Tensor> affine_coupling_fwd_cuda(const at::Tensor& x, const at::Tensor& a, double clamp,
@@ -477,12 +482,12 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_bwd_cuda(const at::Tensor& gr
       constexpr int64_t FORM = decltype(form_tag)::value;
       if (reverse) {
         affine_coupling_bwd_kernel<scalar_t, FORM, true><<<grid, kThreads, 0, stream>>>(
-            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(),
             a.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), cn,
             static_cast<T>(clamp));
       } else {
         affine_coupling_bwd_kernel<scalar_t, FORM, false><<<grid, kThreads, 0, stream>>>(
-            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(),
             a.data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), grad_a.data_ptr<scalar_t>(), cn,
             static_cast<T>(clamp));
       }
@@ -497,7 +502,7 @@ template <typename scalar_t>
 void launch_channel_scales(const at::Tensor& global_scale, int64_t type, int64_t batch, double signed_n,
                            const at::Tensor& g, const at::Tensor& dg, const at::Tensor& logdet, cudaStream_t stream) {
   using T = at::opmath_type<scalar_t>;
-  channel_scale_kernel<scalar_t><<<1, kThreads, 0, stream>>>(global_scale.data_ptr<scalar_t>(), g.data_ptr<T>(),
+  channel_scale_kernel<scalar_t><<<1, kThreads, 0, stream>>>(global_scale.data_ptr<T>(), g.data_ptr<T>(),
                                                              dg.data_ptr<T>(), logdet.data_ptr<T>(),
                                                              global_scale.size(0), batch, static_cast<T>(signed_n),
                                                              type);
@@ -514,7 +519,7 @@ std::tuple<at::Tensor, at::Tensor> global_affine_permute_cuda(const at::Tensor& 
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());
   at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_type(x)));
-  if (batch == 0 || channels == 0) return {y, acc.to(x.scalar_type())};
+  if (batch == 0 || channels == 0) return {y, acc};
   at::Tensor g = at::empty({channels}, x.options().dtype(acc_type(x)));
   at::Tensor dg = at::empty({channels}, x.options().dtype(acc_type(x)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -526,17 +531,17 @@ std::tuple<at::Tensor, at::Tensor> global_affine_permute_cuda(const at::Tensor& 
       const dim3 grid(blocks_for(channels * n), static_cast<unsigned int>(batch));
       if (reverse) {
         global_affine_permute_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+            x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(),
             y.data_ptr<scalar_t>(), channels, n);
       } else {
         global_affine_permute_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<scalar_t>(), perm.data_ptr<int64_t>(),
+            x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<T>(), perm.data_ptr<int64_t>(),
             y.data_ptr<scalar_t>(), channels, n);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-  return {y, acc.to(x.scalar_type())};
+  return {y, acc};
 }
 
 std::tuple<at::Tensor, at::Tensor> global_affine_permute_fwd_cuda(const at::Tensor& x, const at::Tensor& global_scale,
@@ -563,8 +568,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_affine_permute_bwd_cuda(
   const c10::cuda::CUDAGuard device_guard(x.device());
   if (channels == 0) return {at::zeros_like(x), at::zeros_like(global_scale), at::zeros_like(global_offset)};
   at::Tensor grad_x = new_output(x.sizes(), x.options());
-  at::Tensor grad_scale = new_output(global_scale.sizes(), x.options());
-  at::Tensor grad_offset = new_output(global_offset.sizes(), x.options());
+  at::Tensor grad_scale = new_output(global_scale.sizes(), global_scale.options());
+  at::Tensor grad_offset = new_output(global_offset.sizes(), global_offset.options());
   const at::TensorOptions acc_options = x.options().dtype(acc_type(x));
   at::Tensor g = at::empty({channels}, acc_options);
   at::Tensor dg = at::empty({channels}, acc_options);
@@ -579,12 +584,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_affine_permute_bwd_cuda(
       const dim3 grid(blocks_for(batch * n), static_cast<unsigned int>(channels));
       if (reverse) {
         global_affine_permute_bwd_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(
-            grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<T>(),
             perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), sum_gy_v.data_ptr<T>(), sum_gy.data_ptr<T>(),
             channels, batch, n);
       } else {
         global_affine_permute_bwd_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(
-            grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<T>(),
             perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(), sum_gy_v.data_ptr<T>(), sum_gy.data_ptr<T>(),
             channels, batch, n);
       }
@@ -594,13 +599,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_affine_permute_bwd_cuda(
     if (reverse) {
       channel_grad_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
           sum_gy_v.data_ptr<T>(), sum_gy.data_ptr<T>(), g.data_ptr<T>(), dg.data_ptr<T>(),
-          grad_logdet.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
-          channels, batch, static_cast<T>(n));
+          grad_logdet.data_ptr<T>(), grad_scale.data_ptr<T>(), grad_offset.data_ptr<T>(), channels, batch,
+          static_cast<T>(n));
     } else {
       channel_grad_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
           sum_gy_v.data_ptr<T>(), sum_gy.data_ptr<T>(), g.data_ptr<T>(), dg.data_ptr<T>(),
-          grad_logdet.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(),
-          channels, batch, static_cast<T>(n));
+          grad_logdet.data_ptr<T>(), grad_scale.data_ptr<T>(), grad_offset.data_ptr<T>(), channels, batch,
+          static_cast<T>(n));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -621,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor> coupling_affine_permute_fwd_cuda(const at::Te
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());
   at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_type(x)));
-  if (batch == 0) return {y, acc.to(x.scalar_type())};
+  if (batch == 0) return {y, acc};
   at::Tensor g = at::empty({channels}, x.options().dtype(acc_type(x)));
   at::Tensor dg = at::empty({channels}, x.options().dtype(acc_type(x)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -633,13 +638,13 @@ std::tuple<at::Tensor, at::Tensor> coupling_affine_permute_fwd_cuda(const at::Te
       dispatch_clamp_form(form, [&](auto form_tag) {
         constexpr int64_t FORM = decltype(form_tag)::value;
         coupling_affine_permute_kernel<scalar_t, FORM><<<grid, kThreads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<scalar_t>(),
+            x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), g.data_ptr<T>(), global_offset.data_ptr<T>(),
             perm.data_ptr<int64_t>(), y.data_ptr<scalar_t>(), acc.data_ptr<T>(), channels, n, static_cast<T>(clamp));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     }
   });
-  return {y, acc.to(x.scalar_type())};
+  return {y, acc};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_affine_permute_bwd_cuda(
@@ -654,8 +659,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_affine_permu
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_a = new_output(a.sizes(), a.options());
-  at::Tensor grad_scale = new_output(global_scale.sizes(), x.options());
-  at::Tensor grad_offset = new_output(global_scale.sizes(), x.options());
+  at::Tensor grad_scale = new_output(global_scale.sizes(), global_scale.options());
+  at::Tensor grad_offset = new_output(global_scale.sizes(), global_scale.options());
   const at::TensorOptions acc_options = x.options().dtype(acc_type(x));
   at::Tensor g = at::empty({channels}, acc_options);
   at::Tensor dg = at::empty({channels}, acc_options);
@@ -671,7 +676,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_affine_permu
       dispatch_clamp_form(form, [&](auto form_tag) {
         constexpr int64_t FORM = decltype(form_tag)::value;
         coupling_affine_permute_bwd_kernel<scalar_t, FORM><<<grid, kThreads, 0, stream>>>(
-            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+            grad_y.data_ptr<scalar_t>(), grad_logdet.data_ptr<T>(), x.data_ptr<scalar_t>(),
             a.data_ptr<scalar_t>(), g.data_ptr<T>(), perm.data_ptr<int64_t>(), grad_x.data_ptr<scalar_t>(),
             grad_a.data_ptr<scalar_t>(), sum_gy_v.data_ptr<T>(), sum_gy.data_ptr<T>(), channels, batch, n,
             static_cast<T>(clamp));
@@ -680,8 +685,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_affine_permu
     }
     channel_grad_kernel<scalar_t, false><<<blocks_for(channels), kThreads, 0, stream>>>(
         sum_gy_v.data_ptr<T>(), sum_gy.data_ptr<T>(), g.data_ptr<T>(), dg.data_ptr<T>(),
-        grad_logdet.data_ptr<scalar_t>(), grad_scale.data_ptr<scalar_t>(), grad_offset.data_ptr<scalar_t>(), channels,
-        batch, static_cast<T>(n));
+        grad_logdet.data_ptr<T>(), grad_scale.data_ptr<T>(), grad_offset.data_ptr<T>(), channels, batch,
+        static_cast<T>(n));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (batch == 0 || n == 0) {

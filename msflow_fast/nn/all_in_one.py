@@ -226,7 +226,9 @@ class AllInOneBlock(nn.Module):
             jac: accepted for the FrEIA contract; the log-det is always returned.
 
         Returns:
-            ``((y,), logdet)``: ``y [B, C, *S]`` and ``logdet [B]`` in nats (negated for ``rev=True``).
+            ``((y,), logdet)``: ``y [B, C, *S]`` in x's dtype and ``logdet [B]`` in nats (negated for
+            ``rev=True``); for float16/bfloat16 ``x`` (e.g. under autocast) the log-det is float32 and
+            the float32 parameters ``global_scale``/``global_offset`` are used as they are, unrounded.
         """
         t = self._input(x)
         conds = self._conditions(c)
@@ -293,12 +295,14 @@ class AllInOneBlock(nn.Module):
     def _generic(self, x: torch.Tensor, conds: list[torch.Tensor], rev: bool) -> tuple[torch.Tensor, torch.Tensor]:
         w = None if self._hard else self.mixing_matrix()
         n_pixels = x[0, :1].numel()
+        acc = ops.reference.compute_dtype(x.dtype)  # log-dets of half inputs in float32, as the fused path
         if self.GIN:
             scale = None
-            logdet_global = x.new_zeros(())
+            logdet_global = x.new_zeros((), dtype=acc)
         else:
-            scale = ops.reference.global_scale_activation(self.global_scale, self.global_affine_type).to(x.dtype)
-            logdet_global = torch.log(scale).sum()
+            g = ops.reference.global_scale_activation(self.global_scale, self.global_affine_type)
+            scale = g.to(x.dtype)
+            logdet_global = torch.log(g.to(acc)).sum()
         offset = self.global_offset.to(x.dtype)
         if rev:
             v = self._mix(x, w, transpose=True) - offset
@@ -311,7 +315,7 @@ class AllInOneBlock(nn.Module):
         if self.GIN:
             s = s - s.mean(dim=self.sum_dims, keepdim=True)
         shift = ops.reference.coupling_shift(a[:, self.splits[1] :], self.clamp_form)
-        logdet = s.sum(dim=self.sum_dims)
+        logdet = s.sum(dim=self.sum_dims, dtype=acc)
         if rev:
             x2 = (x2 - shift) * torch.exp(-s)
             out = torch.cat([x1, x2], dim=1)

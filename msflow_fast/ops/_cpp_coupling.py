@@ -18,9 +18,14 @@ Ops (``msflow_fast::<name>``), all on NCHW-contiguous tensors:
 * ``coupling_affine_permute_bwd(grad_y, grad_logdet, x, a, global_scale, perm, clamp, clamp_form,
   affine_type) -> (grad_x, grad_a, grad_scale, grad_offset)``
 
-Dtypes: float32 and float64 on CPU and CUDA, and float16/bfloat16 on both too (computed in
-float32, outputs rounded to the input dtype). Log-dets come back in the input dtype; they are
-accumulated in float64 on CPU and in float32 (float64 for float64 inputs) on CUDA. On CPU the
+Dtypes: ``x``, ``a``, ``grad_y`` and the element outputs share one dtype: float32 and float64 on
+CPU and CUDA, and float16/bfloat16 on both too (computed in float32, outputs rounded to the input
+dtype). Everything per sample or per channel is in the accumulation dtype ``acc`` (float32 for
+float16/bfloat16/float32 ``x``, float64 for float64 ``x``): ``global_scale``, ``global_offset``,
+the log-dets, ``grad_logdet`` and the parameter gradients. The functions below convert the
+parameters to ``acc`` (a no-op for float32/float64 ``x``; float32 parameters of half inputs are
+used unrounded) and autograd casts their gradients back to the parameters' own dtype. Log-dets
+are accumulated in float64 on CPU and in ``acc`` on CUDA. On CPU the
 permutation is checked to be a permutation of ``0..C-1``; on CUDA its values are trusted (the
 public functions in :mod:`msflow_fast.ops` document this). Importing this module raises
 ``ImportError`` when the extension is not available.
@@ -45,8 +50,13 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the ops: float64 for float64 ``x``, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _logdet_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0],))
+    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +108,10 @@ def _coupling_affine_permute_bwd_fake(grad_y, grad_logdet, x, a, global_scale, p
 
 
 def _grads(x: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None):
-    """Contiguous output gradients; an absent one (``None``) becomes zeros."""
-    grad_y = torch.zeros_like(x) if grad_y is None else grad_y.contiguous()
-    grad_logdet = x.new_zeros((x.shape[0],)) if grad_logdet is None else grad_logdet.contiguous()
+    """Contiguous output gradients (``grad_logdet`` in the accumulation dtype); ``None`` becomes zeros."""
+    acc = _acc_dtype(x.dtype)
+    grad_y = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
+    grad_logdet = x.new_zeros((x.shape[0],), dtype=acc) if grad_logdet is None else grad_logdet.to(acc).contiguous()
     return grad_y, grad_logdet
 
 
@@ -201,9 +212,10 @@ def affine_coupling(
     return y, logdet
 
 
-def _channel_param(param: torch.Tensor, channels: int) -> torch.Tensor:
-    # [1, C, 1, 1] (or any shape with C elements) -> [C]; autograd maps the gradient back.
-    return param.reshape(channels).contiguous()
+def _channel_param(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # [1, C, 1, 1] (or any shape with C elements) -> [C] in the accumulation dtype (never rounded to a
+    # half x.dtype); autograd maps the gradient back to the parameter's shape and dtype.
+    return param.reshape(x.shape[1]).to(_acc_dtype(x.dtype)).contiguous()
 
 
 def global_affine_permute(
@@ -216,12 +228,11 @@ def global_affine_permute(
     reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C++/CUDA :func:`msflow_fast.ops.reference.global_affine_permute`: ``(y [B, C, H, W], logdet [B])``."""
-    channels = x.shape[1]
     op = _ops.global_affine_permute_inv if reverse else _ops.global_affine_permute_fwd
     y, logdet = op(
         x.contiguous(),
-        _channel_param(global_scale, channels),
-        _channel_param(global_offset, channels),
+        _channel_param(global_scale, x),
+        _channel_param(global_offset, x),
         perm.contiguous(),
         affine_type,
     )
@@ -240,12 +251,11 @@ def coupling_affine_permute(
     affine_type: str = "SOFTPLUS",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """C++/CUDA :func:`msflow_fast.ops.reference.coupling_affine_permute`: ``(y [B, C, H, W], logdet [B])``."""
-    channels = x.shape[1]
     y, logdet = _ops.coupling_affine_permute_fwd(
         x.contiguous(),
         a.contiguous(),
-        _channel_param(global_scale, channels),
-        _channel_param(global_offset, channels),
+        _channel_param(global_scale, x),
+        _channel_param(global_offset, x),
         perm.contiguous(),
         float(clamp),
         clamp_form,

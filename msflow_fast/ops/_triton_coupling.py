@@ -5,7 +5,10 @@ The functions here have the signatures and returns of :mod:`msflow_fast.ops.refe
 looked up by name by :mod:`msflow_fast.ops._backend`; inputs arrive validated from
 :mod:`msflow_fast.ops.coupling`. Gradients flow to every floating input (``x``, ``a``,
 ``global_scale``, ``global_offset``); double backward is not supported. Kernels compute in float32
-(float64 for float64 inputs); outputs and log-dets come back in ``x.dtype``, as in the reference.
+(float64 for float64 inputs), as the reference does: outputs come back in ``x.dtype``, log-dets in
+the compute dtype (float32 for float16/bfloat16 inputs). The per-channel parameters are read in the
+compute dtype (float32 parameters of half inputs unrounded) and their gradients are cast back to
+the parameters' own dtype.
 """
 
 from __future__ import annotations

@@ -3,6 +3,12 @@
 Each function validates its inputs, picks a backend (see :mod:`msflow_fast.ops._backend`) and
 calls that backend's implementation, which matches :mod:`msflow_fast.ops.reference` and supports
 autograd. Shapes, units and formulas are documented on the reference functions.
+
+Dtypes: ``x`` and ``a`` share one floating dtype. float16/bfloat16 inputs are computed in float32:
+element outputs (and their gradients) keep ``x.dtype``, log-dets are float32. The per-channel
+parameters ``global_scale`` and ``global_offset`` must have ``x.dtype`` or, for float16/bfloat16
+``x``, float32 (the dtype of a model's parameters under autocast); they are used in float32 as
+given, never rounded to ``x.dtype``, and their gradients come back in their own dtype.
 """
 
 from __future__ import annotations
@@ -28,12 +34,25 @@ def _check_block_input(x: torch.Tensor, a: torch.Tensor, active: int, clamp: flo
     v.clamp_form(clamp_form)
 
 
+def _check_parameter_dtype(value: torch.Tensor, name: str, x: torch.Tensor) -> None:
+    """``value`` has x's dtype, or float32 for float16/bfloat16 ``x`` (used in float32 as given)."""
+    if value.dtype == x.dtype:
+        return
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if half and value.dtype == torch.float32:
+        return
+    allowed = f"{x.dtype} or torch.float32" if half else f"{x.dtype}"
+    raise TypeError(f"{name} has dtype {value.dtype} but x has {x.dtype}; pass {name} in {allowed}")
+
+
 def _check_global_affine(
     x: torch.Tensor, global_scale: torch.Tensor, global_offset: torch.Tensor, perm: torch.Tensor, affine_type: str
 ) -> None:
     channels = x.shape[1]
     v.channel_vector(global_scale, "global_scale", channels, x)
     v.channel_vector(global_offset, "global_offset", channels, x)
+    _check_parameter_dtype(global_scale, "global_scale", x)
+    _check_parameter_dtype(global_offset, "global_offset", x)
     v.permutation(perm, channels, x)
     v.affine_type(affine_type)
 
@@ -61,7 +80,8 @@ def affine_coupling(
             (default: ``MSFLOW_FAST_CHECK_FINITE=1``).
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])`` with ``logdet`` in nats.
+        ``(y [B, C, H, W], logdet [B])`` with ``logdet`` in nats; ``y`` in ``x.dtype``, ``logdet``
+        in float32 for float16/bfloat16 inputs (computed in float32), else in ``x.dtype``.
     """
     v.tensor(x, "x", ndim=4)
     if x.shape[1] < 1:
@@ -94,14 +114,19 @@ def global_affine_permute(
     Args:
         x: ``[B, C, H, W]``.
         global_scale: raw scale ``gamma`` with ``C`` elements; ``g = psi(gamma)`` per ``affine_type``.
-        global_offset: offset ``b`` with ``C`` elements.
+            In ``x.dtype``, or float32 for float16/bfloat16 ``x`` (used unrounded; recommended).
+        global_offset: offset ``b`` with ``C`` elements, dtype as ``global_scale``.
         perm: int64 ``[C]`` permutation (the forward one, also for ``reverse=True``).
         affine_type: ``"SOFTPLUS"`` (default), ``"SIGMOID"`` or ``"EXP"``.
         reverse: compute the inverse (scatter, subtract, divide); the log-det is then negated.
         backend, check_finite: as in :func:`affine_coupling`.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])`` with ``logdet = H * W * sum_c log g_c`` in nats.
+        ``(y [B, C, H, W], logdet [B])`` with ``logdet = H * W * sum_c log g_c`` in nats; ``y`` in
+        ``x.dtype``, ``logdet`` in float32 for float16/bfloat16 ``x``, else in ``x.dtype``.
+
+    Raises:
+        TypeError: a parameter has neither ``x.dtype`` nor (for float16/bfloat16 ``x``) float32.
     """
     v.tensor(x, "x", ndim=4)
     _check_global_affine(x, global_scale, global_offset, perm, affine_type)
@@ -109,14 +134,7 @@ def global_affine_permute(
     if checking:
         v.finite(x, "x")
     _, impl = _backend.resolve("global_affine_permute", x.device, backend)
-    return impl(
-        x,
-        global_scale.to(x.dtype),
-        global_offset.to(x.dtype),
-        perm,
-        affine_type=affine_type,
-        reverse=bool(reverse),
-    )
+    return impl(x, global_scale, global_offset, perm, affine_type=affine_type, reverse=bool(reverse))
 
 
 def coupling_affine_permute(
@@ -141,8 +159,11 @@ def coupling_affine_permute(
         clamp, clamp_form, backend, check_finite: as in :func:`affine_coupling`.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])``: the block output, already permuted, and the coupling
-        plus global-affine log-det in nats.
+        ``(y [B, C, H, W], logdet [B])``: the block output, already permuted, in ``x.dtype``, and
+        the coupling plus global-affine log-det in nats (float32 for float16/bfloat16 ``x``).
+
+    Raises:
+        TypeError: a parameter has neither ``x.dtype`` nor (for float16/bfloat16 ``x``) float32.
     """
     v.tensor(x, "x", ndim=4)
     channels = x.shape[1]
@@ -158,8 +179,8 @@ def coupling_affine_permute(
     y, logdet = impl(
         x,
         a,
-        global_scale.to(x.dtype),
-        global_offset.to(x.dtype),
+        global_scale,
+        global_offset,
         perm,
         clamp=float(clamp),
         clamp_form=clamp_form,

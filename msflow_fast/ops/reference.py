@@ -11,6 +11,11 @@ Conventions
 * Log-determinants are natural-log Jacobian determinants (nats) per sample, ``[B]``.
 * ``reverse=True`` computes the inverse map and returns the *negated* log-det, so that
   ``logdet(forward) + logdet(reverse) == 0`` on a round trip.
+* Precision of the flow-block ops (:func:`affine_coupling`, :func:`global_affine_permute`,
+  :func:`coupling_affine_permute`): float16/bfloat16 inputs are computed in float32
+  (:func:`compute_dtype`); element outputs are rounded to ``x.dtype`` once, log-dets stay float32.
+  The per-channel parameters (``global_scale``, ``global_offset``) are used in the compute dtype,
+  never rounded to a half ``x.dtype`` (pass them in float32; gradients come back in their dtype).
 
 Soft clamps (``clamp_form``), applied to the scale half ``a_s`` of a subnet output
 ``a = [a_s, a_t]`` with clamp ``alpha``:
@@ -41,6 +46,11 @@ ATAN_FACTOR = 0.636
 """The fusion layer's approximation of 2/pi in ``alpha * 0.636 * atan(s / alpha)``."""
 PRE_FACTOR = 0.1
 """FrEIA's AllInOneBlock multiplies the whole subnet output by 0.1 before use."""
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic and log-det dtype of the flow-block ops: float32 for float16/bfloat16, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def soft_clamp(a_s: torch.Tensor, clamp: float, clamp_form: str = "tanh") -> torch.Tensor:
@@ -84,15 +94,18 @@ def affine_coupling(
         reverse: compute the inverse map.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])``; the log-det is in nats.
+        ``(y [B, C, H, W], logdet [B])``; the log-det is in nats. ``y`` has ``x.dtype``; half
+        inputs are computed in float32 and their log-det is float32 (see :func:`compute_dtype`).
     """
     c = x.shape[1]
-    s = soft_clamp(a[:, :c], clamp, clamp_form)
-    t = coupling_shift(a[:, c:], clamp_form)
+    acc = compute_dtype(x.dtype)
+    xc, ac = x.to(acc), a.to(acc)
+    s = soft_clamp(ac[:, :c], clamp, clamp_form)
+    t = coupling_shift(ac[:, c:], clamp_form)
     logdet = s.sum(dim=(1, 2, 3))
     if reverse:
-        return (x - t) * torch.exp(-s), -logdet
-    return x * torch.exp(s) + t, logdet
+        return ((xc - t) * torch.exp(-s)).to(x.dtype), -logdet
+    return (xc * torch.exp(s) + t).to(x.dtype), logdet
 
 
 def global_scale_activation(global_scale: torch.Tensor, affine_type: str = "SOFTPLUS") -> torch.Tensor:
@@ -140,25 +153,29 @@ def global_affine_permute(
 
     Args:
         x: ``[B, C, H, W]``.
-        global_scale: raw scale parameter ``gamma`` with ``C`` elements (e.g. ``[1, C, 1, 1]``).
-        global_offset: offset ``b`` with ``C`` elements.
+        global_scale: raw scale parameter ``gamma`` with ``C`` elements (e.g. ``[1, C, 1, 1]``),
+            used in the compute dtype (float32 for half ``x``: pass it in float32, not rounded).
+        global_offset: offset ``b`` with ``C`` elements, likewise.
         perm: int64 ``[C]``, a permutation of ``0..C-1``.
         affine_type: ``"SOFTPLUS"``, ``"SIGMOID"`` or ``"EXP"``.
         reverse: compute the inverse map.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])`` in nats.
+        ``(y [B, C, H, W], logdet [B])`` in nats; ``y`` in ``x.dtype``, the log-det in the compute
+        dtype (float32 for half ``x``).
     """
     b_, c, h, w = x.shape
-    g = global_scale_activation(global_scale.reshape(c), affine_type)
-    offset = global_offset.reshape(c)
+    acc = compute_dtype(x.dtype)
+    g = global_scale_activation(global_scale.reshape(c).to(acc), affine_type)
+    offset = global_offset.reshape(c).to(acc)
     logdet = (h * w) * torch.log(g).sum()
-    logdet = logdet.to(x.dtype).expand(b_).clone()
+    logdet = logdet.expand(b_).clone()
+    xc = x.to(acc)
     if reverse:
-        v = x[:, invert_permutation(perm)]
-        return (v - offset.view(1, c, 1, 1)) / g.view(1, c, 1, 1), -logdet
-    v = x * g.view(1, c, 1, 1) + offset.view(1, c, 1, 1)
-    return v[:, perm], logdet
+        v = xc[:, invert_permutation(perm)]
+        return ((v - offset.view(1, c, 1, 1)) / g.view(1, c, 1, 1)).to(x.dtype), -logdet
+    v = xc * g.view(1, c, 1, 1) + offset.view(1, c, 1, 1)
+    return v[:, perm].to(x.dtype), logdet
 
 
 def coupling_affine_permute(
@@ -188,7 +205,9 @@ def coupling_affine_permute(
         affine_type: as in :func:`global_affine_permute`.
 
     Returns:
-        ``(y [B, C, H, W], logdet [B])``: coupling plus global-affine log-det, in nats.
+        ``(y [B, C, H, W], logdet [B])``: coupling plus global-affine log-det, in nats. For half
+        ``x`` the coupled half is rounded to ``x.dtype`` before the global affine (this
+        composition), and the log-det is float32.
     """
     c = x.shape[1]
     x1, x2 = x[:, : c - c // 2], x[:, c - c // 2 :]
@@ -302,6 +321,33 @@ def log_space_score(
     return top_k_mean(gap, top_k)
 
 
+def channel_layer_norm_relu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    addend: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``relu(LayerNorm_C(x + addend))``: LayerNorm over the channels of every pixel, then ReLU.
+
+    The middle of MSFlow's coupling subnet (``Conv3x3 -> LayerNorm(channels) -> ReLU -> Conv3x3``);
+    ``addend`` carries a batch-constant share of the first conv (the positional condition).
+
+    Args:
+        x: ``[B, C, H, W]``.
+        weight, bias: LayerNorm affine ``[C]``, x's dtype (or float32 for half/bfloat16 x).
+        addend: optional ``[1, C, H, W]`` (broadcast over the batch) or ``[B, C, H, W]``, x's dtype.
+        eps: added to the per-pixel variance (biased, over C).
+
+    Returns:
+        ``[B, C, H, W]`` in x's dtype; half/bfloat16 inputs are computed in float32.
+    """
+    acc = compute_dtype(x.dtype)
+    h = x.to(acc) if addend is None else x.to(acc) + addend.to(acc)
+    normed = F.layer_norm(h.permute(0, 2, 3, 1), (h.shape[1],), weight.to(acc), bias.to(acc), eps)
+    return F.relu(normed.permute(0, 3, 1, 2)).to(x.dtype)
+
+
 __all__ = [
     "AFFINE_TYPES",
     "ATAN_FACTOR",
@@ -309,6 +355,8 @@ __all__ = [
     "PRE_FACTOR",
     "affine_coupling",
     "aggregate_anomaly_maps",
+    "channel_layer_norm_relu",
+    "compute_dtype",
     "coupling_affine_permute",
     "coupling_shift",
     "gaussian_nll",
