@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common.h"
+#include "reduce.cuh"
 
 namespace msflow_fast {
 
@@ -26,6 +27,8 @@ int64_t head_top_k_count(int64_t num_pixels, double top_k);
 at::ScalarType head_acc_dtype(at::ScalarType dtype);
 
 namespace {
+
+using namespace cuda_reduce;  // warp/block sums and maxima (reduce.cuh)
 
 // Launches put the batch on gridDim.y, which CUDA caps at 65535.
 void check_batch_fits_grid(int64_t batch) {
@@ -41,45 +44,6 @@ constexpr int kRadixBins = 1 << kRadixBits;
 constexpr int64_t kNllChunk = 1 << 16;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T>
-__device__ __forceinline__ T warp_reduce_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_reduce_max(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_down_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-// Block-wide sum / max; the result is valid in thread 0. blockDim.x is a multiple of 32.
-template <typename T>
-__device__ T block_reduce_sum(T v) {
-  __shared__ T partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_reduce_sum(v);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? partial[lane] : T(0);
-  if (warp == 0) v = warp_reduce_sum(v);
-  return v;
-}
-
-template <typename T>
-__device__ T block_reduce_max(T v) {
-  __shared__ T partial[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_reduce_max(v);
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? partial[lane] : T(-INFINITY);
-  if (warp == 0) v = warp_reduce_max(v);
-  return v;
-}
 
 // ------------------------------------------------------------------------------------------- NLL
 

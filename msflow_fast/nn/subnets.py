@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 
-def _channel_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    """LayerNorm over the channel dim of ``[B, C, H, W]`` (per pixel), returned as ``[B, C, H, W]``."""
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+def _layer_norm_relu(x: torch.Tensor, norm: nn.LayerNorm, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(norm(x + addend))`` with ``norm`` over the channels of ``[B, C, H, W]`` (fused op)."""
+    return ops.channel_layer_norm_relu(x, norm.weight, norm.bias, addend, eps=norm.eps)
 
 
 class SubnetConvLN(nn.Module):
@@ -37,10 +39,11 @@ class SubnetConvLN(nn.Module):
         self.conv1 = nn.Conv2d(dim_in, dim_in, 3, 1, 1)
         self.ln = nn.LayerNorm(dim_in)
         self.conv2 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
+        self._condition_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, dim_in, H, W] -> [B, dim_out, H, W]``."""
-        return self.conv2(F.relu(_channel_layer_norm(self.conv1(x), self.ln)))
+        return self.conv2(_layer_norm_relu(self.conv1(x), self.ln))
 
     def forward_split(self, x: torch.Tensor, conditions: Sequence[torch.Tensor]) -> torch.Tensor:
         """``forward(concat([x, *conditions]))`` without the concatenation.
@@ -48,8 +51,10 @@ class SubnetConvLN(nn.Module):
         ``conv1`` is linear in its input channels, so it splits into a part on ``x`` and a part on
         the conditions. Conditions that are the same for every sample (a batch stride of 0, as
         the positional encoding that MSFlow passes as an expanded view) go through their part
-        of ``conv1`` once, on one sample, and are broadcast over the batch: exact up to rounding,
-        and it saves that share of ``conv1`` (a third of it at MSFlow's first scale).
+        of ``conv1`` once, on one sample, and are added inside the fused LayerNorm: exact up to
+        rounding, and it saves that share of ``conv1`` (a third of it at MSFlow's first scale).
+        Without autograd (inference) that share is also cached until the condition or the
+        weights change.
 
         Args:
             x: passive half ``[B, C_x, H, W]``.
@@ -59,11 +64,31 @@ class SubnetConvLN(nn.Module):
         if not shared or x.shape[0] == 1:
             return self.forward(torch.cat([x, *conditions], dim=1) if conditions else x)
         c_x = x.shape[1]
-        weight = self.conv1.weight
-        condition = torch.cat([c[:1] for c in conditions], dim=1)
-        constant = F.conv2d(condition, weight[:, c_x:], self.conv1.bias, padding=1)
-        hidden = F.conv2d(x, weight[:, :c_x], None, padding=1) + constant
-        return self.conv2(F.relu(_channel_layer_norm(hidden, self.ln)))
+        hidden = F.conv2d(x, self.conv1.weight[:, :c_x], None, padding=1)
+        constant = self._condition_term([c[:1] for c in conditions], c_x, hidden.dtype)
+        return self.conv2(_layer_norm_relu(hidden, self.ln, constant))
+
+    def _condition_term(self, conditions: list[torch.Tensor], c_x: int, dtype: torch.dtype) -> torch.Tensor:
+        """``conv1`` of the batch-constant conditions (bias included), ``[1, dim_in, H, W]`` in ``dtype``."""
+        weight, bias = self.conv1.weight, self.conv1.bias
+
+        def compute() -> torch.Tensor:
+            return F.conv2d(torch.cat(conditions, dim=1), weight[:, c_x:], bias, padding=1).to(dtype)
+
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *conditions))
+        if needs_grad or torch.compiler.is_compiling():
+            return compute()
+        # The cache holds (detached views of) every tensor it depends on, so their storage cannot
+        # be reused by new tensors; a hit needs the same storage, layout and version of each, and
+        # the same output dtype (autocast on or off).
+        sources = [t.detach() for t in (*conditions, weight, bias)]
+        key = [(t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in sources] + [c_x, dtype]
+        cached = self._condition_cache
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        constant = compute()
+        self._condition_cache = (key, sources, constant)
+        return constant
 
 
 def subnet_conv_ln(dim_in: int, dim_out: int) -> SubnetConvLN:
@@ -98,7 +123,7 @@ class FusionCrossConvs(nn.Module):
         size = xs[-1].shape[-2:]
         pooled = [x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size) for x in xs]
         mixed = self.conv1(torch.cat(pooled, dim=1))
-        mixed = F.relu(self.conv2(F.relu(_channel_layer_norm(mixed, self.norm))))
+        mixed = F.relu(self.conv2(_layer_norm_relu(mixed, self.norm)))
         out = []
         for x, part in zip(xs, torch.split(mixed, self.split_channels, dim=1)):
             if part.shape[-2:] != x.shape[-2:]:

@@ -9,12 +9,14 @@ from . import reference
 from ._backend import BACKENDS, available_backends, requested_backend, use_backend
 from .coupling import affine_coupling, coupling_affine_permute, global_affine_permute
 from .head import aggregate_anomaly_maps, gaussian_nll, log_likelihood_map, log_space_score
+from .norm import channel_layer_norm_relu
 
 __all__ = [
     "BACKENDS",
     "affine_coupling",
     "aggregate_anomaly_maps",
     "available_backends",
+    "channel_layer_norm_relu",
     "coupling_affine_permute",
     "gaussian_nll",
     "global_affine_permute",

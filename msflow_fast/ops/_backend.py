@@ -30,8 +30,8 @@ BACKENDS = ("reference", "triton", "cpp")
 ENV_BACKEND = "MSFLOW_FAST_BACKEND"
 
 _IMPLEMENTATION_MODULES: dict[str, tuple[str, ...]] = {
-    "triton": ("msflow_fast.ops._triton_coupling", "msflow_fast.ops._triton_head"),
-    "cpp": ("msflow_fast.ops._cpp_coupling", "msflow_fast.ops._cpp_head"),
+    "triton": ("msflow_fast.ops._triton_coupling", "msflow_fast.ops._triton_head", "msflow_fast.ops._triton_norm"),
+    "cpp": ("msflow_fast.ops._cpp_coupling", "msflow_fast.ops._cpp_head", "msflow_fast.ops._cpp_norm"),
 }
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("msflow_fast_backend", default=None)

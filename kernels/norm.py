@@ -1,0 +1,181 @@
+"""Triton kernels and launchers of the fused channel LayerNorm + ReLU (the coupling subnet's middle).
+
+``out[b, :, n] = relu(LayerNorm_C(x[b, :, n] + addend[b or 0, :, n]) * weight + bias)`` for
+NCHW-contiguous ``x [B, C, N]`` (``N = H * W``). One program owns ``BLOCK_N`` consecutive pixels
+of one image and walks the channels in ``BLOCK_C`` chunks (two-pass mean and variance, then the
+write), so loads are coalesced along the pixels and any C fits. Accumulation is float32 for
+half/bfloat16/float32 inputs and float64 for float64. The backward writes per-program partial
+sums of the parameter gradients, reduced by the launcher (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _blocks(C: int, N: int) -> tuple[int, int]:
+    # The interpreter pays per program instance, a GPU per register: big tiles there, moderate here.
+    block_n = min(triton.next_power_of_2(max(N, 1)), 1024 if _INTERPRET else 64)
+    block_c = min(triton.next_power_of_2(max(C, 1)), max(1, (8192 if _INTERPRET else 2048) // block_n))
+    return block_c, block_n
+
+
+@triton.jit
+def _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD: tl.constexpr, ACC: tl.constexpr):
+    # v[c, n] = x[c, n] + addend[c, n] for the channels cc of one pixel tile (0 outside C x N)
+    mask = (cc[:, None] < C) & mask_n[None, :]
+    off = cc[:, None].to(tl.int64) * N + offs_n[None, :]
+    v = tl.load(x_ptr + base + off, mask=mask, other=0.0).to(ACC)
+    if HAS_ADD:
+        v += tl.load(add_ptr + add_base + off, mask=mask, other=0.0).to(ACC)
+    return v, mask, off
+
+
+@triton.jit
+def _channel_layer_norm_relu_fwd_kernel(
+    x_ptr, add_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
+    C, N, tiles, add_batch_stride, eps,
+    HAS_ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // tiles
+    offs_n = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, BLOCK_C)
+    base = b.to(tl.int64) * C * N
+    add_base = b.to(tl.int64) * add_batch_stride
+    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, c0 + offs_c, offs_n, C, N, mask_n, HAS_ADD, ACC)
+        acc += v
+    mean = tl.sum(acc, axis=0) / C
+    acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):  # two-pass variance: no cancellation
+        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, c0 + offs_c, offs_n, C, N, mask_n, HAS_ADD, ACC)
+        d = tl.where(mask, v - mean[None, :], 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / C + eps)
+    stat = b.to(tl.int64) * N + offs_n
+    tl.store(mean_ptr + stat, mean, mask=mask_n)
+    tl.store(rstd_ptr + stat, rstd, mask=mask_n)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
+        w = tl.load(w_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+        bias = tl.load(b_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+        y = (v - mean[None, :]) * rstd[None, :] * w[:, None] + bias[:, None]
+        y = tl.where(y > 0.0, y, 0.0)
+        tl.store(out_ptr + base + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _channel_layer_norm_relu_bwd_kernel(
+    grad_ptr, x_ptr, add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+    C, N, tiles, add_batch_stride,
+    HAS_ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # g = grad * (y > 0), xhat = (v - mean) * rstd, gx = g * w:
+    # dx = rstd * (gx - mean_C(gx) - xhat * mean_C(gx * xhat)); partial dw = sum_n g * xhat, db = sum_n g
+    pid = tl.program_id(0)
+    b = pid // tiles
+    offs_n = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_c = tl.arange(0, BLOCK_C)
+    base = b.to(tl.int64) * C * N
+    add_base = b.to(tl.int64) * add_batch_stride
+    stat = b.to(tl.int64) * N + offs_n
+    mean = tl.load(mean_ptr + stat, mask=mask_n, other=0.0).to(ACC)
+    rstd = tl.load(rstd_ptr + stat, mask=mask_n, other=0.0).to(ACC)
+    s1 = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    s2 = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
+    partial = pid.to(tl.int64) * C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
+        dy = tl.load(grad_ptr + base + off, mask=mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+        bias = tl.load(b_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+        xhat = (v - mean[None, :]) * rstd[None, :]
+        g = tl.where(mask & (xhat * w[:, None] + bias[:, None] > 0.0), dy, 0.0)
+        gx = g * w[:, None]
+        s1 += gx
+        s2 += gx * xhat
+        tl.store(dw_partial_ptr + partial + cc, tl.sum(g * xhat, axis=1), mask=cc < C)
+        tl.store(db_partial_ptr + partial + cc, tl.sum(g, axis=1), mask=cc < C)
+    m1 = tl.sum(s1, axis=0) / C
+    m2 = tl.sum(s2, axis=0) / C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + offs_c
+        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
+        dy = tl.load(grad_ptr + base + off, mask=mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+        bias = tl.load(b_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+        xhat = (v - mean[None, :]) * rstd[None, :]
+        gx = tl.where(xhat * w[:, None] + bias[:, None] > 0.0, dy * w[:, None], 0.0)
+        dx = rstd[None, :] * (gx - m1[None, :] - xhat * m2[None, :])
+        tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_args(x: torch.Tensor, addend: torch.Tensor | None) -> tuple[int, int, int, int, int, int, int, torch.Tensor]:
+    B, C, H, W = x.shape
+    N = H * W
+    block_c, block_n = _blocks(C, N)
+    tiles = triton.cdiv(N, block_n)
+    add_batch_stride = C * N if addend is not None and addend.shape[0] == B else 0
+    return B, C, N, block_c, block_n, tiles, add_batch_stride, (addend if addend is not None else x)
+
+
+def channel_layer_norm_relu_fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, addend: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous ``x [B, C, H, W]``, ``addend [1 or B, C, H, W]`` or None -> ``(out, mean [B, N], rstd [B, N])``."""
+    B, C, N, block_c, block_n, tiles, add_batch_stride, add = _launch_args(x, addend)
+    acc = _acc_dtype(x.dtype)
+    out = torch.empty_like(x)
+    mean = torch.empty((B, N), dtype=acc, device=x.device)
+    rstd = torch.empty((B, N), dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return out, mean, rstd
+    _channel_layer_norm_relu_fwd_kernel[(B * tiles,)](
+        x, add, weight, bias, out, mean, rstd, C, N, tiles, add_batch_stride, float(eps),
+        HAS_ADD=addend is not None, ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_N=block_n,
+    )
+    return out, mean, rstd
+
+
+def channel_layer_norm_relu_bwd(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    addend: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_x, grad_weight [C], grad_bias [C])``; the parameter gradients in the acc dtype."""
+    B, C, N, block_c, block_n, tiles, add_batch_stride, add = _launch_args(x, addend)
+    acc = _acc_dtype(x.dtype)
+    grad_x = torch.empty_like(x)
+    dw_partial = torch.empty((B * tiles, C), dtype=acc, device=x.device)
+    db_partial = torch.empty((B * tiles, C), dtype=acc, device=x.device)
+    if x.numel() == 0:
+        return grad_x, dw_partial.sum(0), db_partial.sum(0)
+    _channel_layer_norm_relu_bwd_kernel[(B * tiles,)](
+        grad, x, add, weight, bias, mean, rstd, grad_x, dw_partial, db_partial, C, N, tiles, add_batch_stride,
+        HAS_ADD=addend is not None, ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_N=block_n,
+    )
+    return grad_x, dw_partial.sum(0), db_partial.sum(0)
