@@ -8,13 +8,15 @@ backend) and ``msflow_fast-reference`` (our block forced onto the reference ops)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from msflow_fast import ops
 from msflow_fast.nn import AllInOneBlock
 from msflow_fast.nn.subnets import subnet_conv_ln
 
-from .harness import Result, time_ms
+from .harness import Job, Result, time_ms
 from .kernels import MSFLOW_SCALES
 
 CONDITION_CHANNELS = 64
@@ -41,9 +43,17 @@ def _blocks(channels: int, device: torch.device, dtype: torch.dtype):
     return freia.to(device, dtype), ours.to(device, dtype)
 
 
-def run(device: torch.device, *, batch: int = 8, dtype: torch.dtype = torch.float32, min_run_time: float = 0.5) -> list[Result]:
+def run(
+    device: torch.device,
+    *,
+    batch: int = 8,
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.5,
+    scales: Sequence[tuple[int, int]] = MSFLOW_SCALES,
+) -> list[Result]:
+    """Time the three providers at each ``(channels, grid)`` of ``scales`` (needs FrEIA 0.2)."""
     results = []
-    for channels, grid in MSFLOW_SCALES:
+    for channels, grid in scales:
         freia, ours = _blocks(channels, device, dtype)
         x = torch.randn(batch, channels, grid, grid, device=device, dtype=dtype, requires_grad=True)
         cond = torch.randn(batch, CONDITION_CHANNELS, grid, grid, device=device, dtype=dtype)
@@ -83,3 +93,22 @@ def run(device: torch.device, *, batch: int = 8, dtype: torch.dtype = torch.floa
                 )
             )
     return results
+
+
+def jobs(
+    device: torch.device,
+    *,
+    batch: int = 8,
+    dtype: torch.dtype = torch.float32,
+    min_run_time: float = 0.5,
+    scales: Sequence[tuple[int, int]] = MSFLOW_SCALES,
+) -> list[Job]:
+    """One job per scale (each times all three providers)."""
+    return [
+        Job(
+            f"[block] AllInOneBlock vs FrEIA 0.2, C{channels} {grid}x{grid}",
+            (i,),
+            lambda scale=(channels, grid): run(device, batch=batch, dtype=dtype, min_run_time=min_run_time, scales=(scale,)),
+        )
+        for i, (channels, grid) in enumerate(scales)
+    ]

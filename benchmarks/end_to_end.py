@@ -9,6 +9,7 @@ Providers:
 
 On a GPU: 512-px input, wide_resnet50_2 (random weights: speed does not depend on them), training
 batch 8, inference batch 32 and 1. On CPU: 256-px input and resnet18 so the suite runs in minutes.
+``smoke``: 64-px input, resnet18, one flow block per scale, batch 2 (checks the code paths only).
 The backbone is frozen in every provider; "flows+head" rows time everything after the backbone.
 """
 
@@ -21,13 +22,15 @@ import torch
 
 from msflow_fast import MSFlow, ops
 
-from .harness import Result, time_ms
+from .harness import Job, Result, time_ms
 
 
-def _settings(device: torch.device) -> dict:
+def _settings(device: torch.device, smoke: bool = False) -> dict:
+    if smoke:  # the code paths in seconds on a 2-core CPU: resnet18 at 64 px, one block per scale
+        return {"backbone": "resnet18", "size": 64, "train_batch": 2, "infer_batches": (2,), "overrides": {"parallel_blocks": (1, 1, 1)}}
     if device.type == "cuda":
-        return {"backbone": "wide_resnet50_2", "size": 512, "train_batch": 8, "infer_batches": (32, 1)}
-    return {"backbone": "resnet18", "size": 256, "train_batch": 4, "infer_batches": (8,)}
+        return {"backbone": "wide_resnet50_2", "size": 512, "train_batch": 8, "infer_batches": (32, 1), "overrides": {}}
+    return {"backbone": "resnet18", "size": 256, "train_batch": 4, "infer_batches": (8,), "overrides": {}}
 
 
 def _context(provider: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -39,14 +42,19 @@ def _context(provider: str, device: torch.device) -> contextlib.AbstractContextM
     return stack
 
 
-def _providers(device: torch.device, with_compile: bool) -> list[str]:
+def _providers(device: torch.device, with_compile: bool, bf16: bool | None = None) -> list[str]:
+    """The providers in table order; ``bf16`` (default: on CUDA only) adds the autocast line."""
     providers = ["reference"] + (["compile"] if with_compile else []) + ["msflow_fast"]
-    if device.type == "cuda":
+    if bf16 is None:
+        bf16 = device.type == "cuda"
+    if bf16:
         providers.append("msflow_fast-bf16")
     return providers
 
 
 def _peak_memory_mb(device: torch.device, fn: Callable[[], object]) -> float | None:
+    """Peak memory allocated during one ``fn()`` call, in MiB, counting what was resident before it
+    (model, optimizer state, inputs): the footprint of the step, not its increment. CUDA only."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
@@ -76,14 +84,34 @@ def _row(mode: str, provider: str, shape: str, device: torch.device, timing, ima
     )
 
 
-def run(device: torch.device, *, with_compile: bool = True, min_run_time: float = 0.5) -> list[Result]:
-    cfg = _settings(device)
+def run(
+    device: torch.device, *, with_compile: bool = True, min_run_time: float = 0.5, smoke: bool = False, bf16: bool | None = None
+) -> list[Result]:
+    """Every job of :func:`jobs`, rows in table order."""
+    results: list[tuple[tuple, int, Result]] = []
+    for job in jobs(device, with_compile=with_compile, min_run_time=min_run_time, smoke=smoke, bf16=bf16):
+        results += [(job.order, k, r) for k, r in enumerate(job.run())]
+    return [r for *_, r in sorted(results, key=lambda item: item[:2])]
+
+
+def jobs(
+    device: torch.device, *, with_compile: bool = True, min_run_time: float = 0.5, smoke: bool = False, bf16: bool | None = None
+) -> list[Job]:
+    """One job per (phase, provider): the training step, then inference at each batch size.
+
+    The jobs share one model (and the optimizer the training step updates); each sets train or eval
+    mode itself, so they can run in any order (``harness.run_jobs`` runs the deferred
+    ``compile`` jobs last). ``smoke`` shrinks the model and the images (see ``_settings``); ``bf16``
+    adds the bf16-autocast line (default: on CUDA only).
+    """
+    cfg = _settings(device, smoke)
     torch.manual_seed(0)
-    model = MSFlow(backbone=cfg["backbone"], pretrained=False, input_size=cfg["size"]).to(device)
+    model = MSFlow(backbone=cfg["backbone"], pretrained=False, input_size=cfg["size"], **cfg["overrides"]).to(device)
     flow_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(flow_params, lr=1e-4)
     size = cfg["size"]
-    results: list[Result] = []
+    providers = _providers(device, with_compile, bf16)
+    out: list[Job] = []
 
     def eager_flows(features: list[torch.Tensor]):
         # The official composition: positional conditions materialised per sample and
@@ -101,14 +129,29 @@ def run(device: torch.device, *, with_compile: bool = True, min_run_time: float 
             return compiled_flows
         return eager_flows if provider == "reference" else model.flows
 
+    # One input batch resident at a time (peak memory counts what is resident), made on first use.
+    resident: dict[tuple[str, int], tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def inputs_for(phase: str, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images (and, for inference, their features), the same for every provider of a phase."""
+        if (phase, batch) not in resident:
+            resident.clear()
+            images = torch.randn(batch, 3, size, size, device=device)
+            with torch.no_grad():
+                resident[phase, batch] = images, model.features(images) if phase == "infer" else []
+        return resident[phase, batch]
+
     # ---- training step: features (frozen backbone) + flows + loss + backward + clip + Adam
     batch = cfg["train_batch"]
-    images = torch.randn(batch, 3, size, size, device=device)
-    for provider in _providers(device, with_compile):
+    train_shape = f"B{batch} {size}px {cfg['backbone']}"
 
-        def train_step(provider=provider):
+    def train_job(provider: str) -> list[Result]:
+        model.train()
+        train_images, _ = inputs_for("train", batch)
+
+        def train_step():
             with _context(provider, device):
-                latents, logdet = flows_for(provider)(model.features(images))
+                latents, logdet = flows_for(provider)(model.features(train_images))
                 nll = ops.gaussian_nll(latents[0], logdet)
                 for z in latents[1:]:
                     nll = nll + ops.gaussian_nll(z, torch.zeros_like(logdet))
@@ -120,28 +163,42 @@ def run(device: torch.device, *, with_compile: bool = True, min_run_time: float 
 
         timing = time_ms(train_step, device, min_run_time=min_run_time)
         peak = _peak_memory_mb(device, train_step)
-        results.append(_row("train step", provider, f"B{batch} {size}px {cfg['backbone']}", device, timing, batch, peak))
+        return [_row("train step", provider, train_shape, device, timing, batch, peak)]
+
+    for j, provider in enumerate(providers):
+        out.append(Job(f"[e2e] train step {train_shape} {provider}", (0, j), lambda p=provider: train_job(p), provider == "compile"))
 
     # ---- inference: predict with and without the backbone
-    model.eval()
-    for infer_batch in cfg["infer_batches"]:
-        images = torch.randn(infer_batch, 3, size, size, device=device)
-        with torch.no_grad():
-            features = model.features(images)
-        for provider in _providers(device, with_compile):
+    def infer_job(infer_batch: int, provider: str) -> list[Result]:
+        model.eval()
+        images, features = inputs_for("infer", infer_batch)
 
-            def flows_head(provider=provider):
-                with torch.no_grad(), _context(provider, device):
-                    latents, _ = flows_for(provider)(features)
-                    return model.head(latents, (size, size))
+        def flows_head():
+            with torch.no_grad(), _context(provider, device):
+                latents, _ = flows_for(provider)(features)
+                return model.head(latents, (size, size))
 
-            def full(provider=provider):
-                with torch.no_grad(), _context(provider, device):
-                    latents, _ = flows_for(provider)(model.features(images))
-                    return model.head(latents, (size, size))
+        def full():
+            with torch.no_grad(), _context(provider, device):
+                latents, _ = flows_for(provider)(model.features(images))
+                return model.head(latents, (size, size))
 
-            for mode, fn in (("infer flows+head", flows_head), ("infer with backbone", full)):
-                timing = time_ms(fn, device, min_run_time=min_run_time)
-                peak = _peak_memory_mb(device, fn)
-                results.append(_row(mode, provider, f"B{infer_batch} {size}px {cfg['backbone']}", device, timing, infer_batch, peak))
-    return results
+        rows = []
+        shape = f"B{infer_batch} {size}px {cfg['backbone']}"
+        for mode, fn in (("infer flows+head", flows_head), ("infer with backbone", full)):
+            timing = time_ms(fn, device, min_run_time=min_run_time)
+            peak = _peak_memory_mb(device, fn)
+            rows.append(_row(mode, provider, shape, device, timing, infer_batch, peak))
+        return rows
+
+    for i, infer_batch in enumerate(cfg["infer_batches"], start=1):
+        for j, provider in enumerate(providers):
+            out.append(
+                Job(
+                    f"[e2e] infer B{infer_batch} {size}px {cfg['backbone']} {provider}",
+                    (i, j),
+                    lambda b=infer_batch, p=provider: infer_job(b, p),
+                    provider == "compile",
+                )
+            )
+    return out

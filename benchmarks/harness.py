@@ -12,8 +12,10 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import time
+import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -93,11 +95,23 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: float = 0.5) -> tuple[float, float, float]:
-    """``(median, p20, p80)`` in milliseconds of ``fn()`` on ``device``."""
+    """``(median, p20, p80)`` in milliseconds of ``fn()`` on ``device``.
+
+    CUDA: Triton's ``do_bench`` (CUDA events, L2 flushed before each run) over ``rep`` = 100 ms of
+    runs, or about 5 runs of a step slower than 20 ms (``do_bench`` runs ``max(1, rep // estimate)``,
+    so 100 ms would give one run, and equal quantiles, for an end-to-end step).
+    """
     if device.type == "cuda":
         import triton.testing
 
-        p20, median, p80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=25, rep=100)
+        fn()  # warm-up (and compilation for torch.compile)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        once_ms = (time.perf_counter() - start) * 1e3
+        rep = max(100.0, min(5.0 * once_ms, 2000.0))
+        p20, median, p80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=25, rep=rep)
         return float(median), float(p20), float(p80)
     import torch.utils.benchmark as tbench
 
@@ -112,23 +126,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: flo
     return statistics.median(times), q[1], q[7]
 
 
-def copy_bandwidth_gb_per_s(device: torch.device, megabytes: int = 256) -> float:
+def copy_bandwidth_gb_per_s(device: torch.device, megabytes: int = 256, *, min_run_time: float = 0.5) -> float:
     """Measured device copy bandwidth (read + write bytes per second), the roofline of memory-bound ops."""
     n = megabytes * 2**20 // 4
-    src = torch.randn(n, device=device)
+    src = torch.ones(n, device=device)  # the values do not matter; randn of 256 MiB costs ~1 s on a small CPU
     dst = torch.empty_like(src)
-    median, _, _ = time_ms(lambda: dst.copy_(src), device)
+    median, _, _ = time_ms(lambda: dst.copy_(src), device, min_run_time=min_run_time)
     return 2 * src.numel() * src.element_size() / (median * 1e-3) / 1e9
 
 
-def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 4096) -> float:
-    """Measured dense matmul rate in TFLOP/s (``n x n`` by ``n x n``)."""
+def matmul_tflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 4096, *, min_run_time: float = 0.5) -> float:
+    """Measured dense matmul rate in TFLOP/s (``n x n`` by ``n x n``; float32 and ``n <= 1024`` on CPU)."""
     if device.type == "cpu":
         n = min(n, 1024)
         dtype = torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    median, _, _ = time_ms(lambda: a @ b, device)
+    median, _, _ = time_ms(lambda: a @ b, device, min_run_time=min_run_time)
     return 2 * n**3 / (median * 1e-3) / 1e12
 
 
@@ -140,18 +154,27 @@ def add_speedups(results: list[Result]) -> None:
     """Fill ``speedup_vs_reference`` and ``speedup_vs_compile`` from rows of the same case.
 
     The eager baseline is the ``reference`` provider, or ``freia`` where a suite has no reference.
+    A row whose dtype has no baseline of its own (the end-to-end ``msflow_fast-bf16`` line, measured
+    beside float32 baselines) is compared with the float32 baselines of the same case.
     """
     key = lambda r: (r.suite, r.op, r.mode, r.shape, r.dtype, r.device)  # noqa: E731
     base: dict[tuple, dict[str, float]] = {}
     for r in results:
         base.setdefault(key(r), {})[r.provider] = r.median_ms
+
+    def lookup(lines: dict[str, float], provider: str) -> float | None:
+        if provider == "reference":
+            return lines.get("reference", lines.get("freia"))  # the block suite's eager line is FrEIA 0.2
+        return lines.get(provider)
+
     for r in results:
         lines = base[key(r)]
-        baseline = lines.get("reference", lines.get("freia"))  # the block suite's eager line is FrEIA 0.2
-        if baseline is not None:
-            r.speedup_vs_reference = baseline / r.median_ms
-        if "compile" in lines:
-            r.speedup_vs_compile = lines["compile"] / r.median_ms
+        fp32 = base.get((r.suite, r.op, r.mode, r.shape, "float32", r.device), {})
+        for provider, attr in (("reference", "speedup_vs_reference"), ("compile", "speedup_vs_compile")):
+            baseline = lookup(lines, provider)
+            if baseline is None:
+                baseline = lookup(fp32, provider)
+            setattr(r, attr, None if baseline is None else baseline / r.median_ms)
 
 
 def write_csv(results: list[Result], path: str) -> None:
@@ -201,10 +224,86 @@ def markdown_table(results: list[Result], header: dict[str, str]) -> str:
 
 
 def write_markdown(text: str, path: str) -> None:
+    """Write ``text`` atomically (temporary file + rename)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@dataclass
+class Job:
+    """One unit of a suite: ``run()`` measures and returns rows.
+
+    ``order`` sorts the rows of all jobs into the table's order, whatever order the jobs ran in;
+    ``deferred`` jobs (the ``torch.compile`` provider, whose compilations can take minutes) run
+    after every other job, so a time budget that runs out costs the compile rows first.
+    """
+
+    label: str
+    order: tuple
+    run: Callable[[], list[Result]]
+    deferred: bool = False
+
+
+@dataclass
+class JobReport:
+    """What :func:`run_jobs` did: rows in table order, failed jobs (label, error), skipped labels."""
+
+    results: list[Result] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    *,
+    deadline: float | None = None,
+    on_progress: Callable[[JobReport], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> JobReport:
+    """Run ``jobs`` (deferred ones last), keep going past a failing job, stop starting jobs after ``deadline``.
+
+    ``deadline`` is a ``time.monotonic()`` value. ``on_progress(report)`` is called after every job
+    (to write partial tables). An exception in a job is recorded in ``report.errors`` with its
+    traceback printed through ``log``; ``KeyboardInterrupt`` (also what ``timeout -s INT`` sends)
+    stops the run and sets ``report.interrupted``.
+    """
+    report = JobReport()
+    ordered = [j for j in jobs if not j.deferred] + [j for j in jobs if j.deferred]
+    keyed: list[tuple[tuple, int, Result]] = []
+    for i, job in enumerate(ordered):
+        if deadline is not None and time.monotonic() > deadline:
+            report.skipped += [j.label for j in ordered[i:]]
+            break
+        if log is not None:
+            log(f"{job.label}")
+        try:
+            rows = job.run()
+        except KeyboardInterrupt:
+            report.interrupted = True
+            report.skipped += [j.label for j in ordered[i:]]
+            break
+        except Exception as exc:  # keep going: one failing case must not cost the rest of the table
+            report.errors.append((job.label, f"{type(exc).__name__}: {exc}".splitlines()[0][:300]))
+            if log is not None:
+                log(traceback.format_exc())
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            rows = []
+        keyed += [(job.order, k, r) for k, r in enumerate(rows)]
+        keyed.sort(key=lambda item: item[:2])
+        report.results = [r for _, _, r in keyed]
+        if on_progress is not None:
+            try:
+                on_progress(report)
+            except KeyboardInterrupt:
+                report.interrupted = True
+                report.skipped += [j.label for j in ordered[i + 1 :]]
+                break
+    return report
 
 
 assert tuple(f.name for f in fields(Result)) == CSV_FIELDS

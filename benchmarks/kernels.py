@@ -7,7 +7,7 @@ reference), ``triton`` and ``cpp`` (through the public ops with ``backend=``). M
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +15,12 @@ import torch
 from msflow_fast import ops
 from msflow_fast.ops import reference
 
-from .harness import Result, tensor_bytes, time_ms
+from .harness import Job, Result, tensor_bytes, time_ms
 
 # (channels, grid) per scale for a 512-px input (MSFLOW_SPEC.md §1.3)
 MSFLOW_SCALES = ((256, 64), (512, 32), (1024, 16))
+# ``--smoke``: the same ops at toy shapes (seconds on a 2-core CPU; checks the code paths, not speed)
+SMOKE_SCALES = ((16, 8),)
 
 
 @dataclass
@@ -117,9 +119,15 @@ def _call(op: str, *, perm_positional: bool = False) -> Callable:
     return run
 
 
-def cases(batch: int = 8, head_batch: int = 32, head_size: int = 512) -> list[Case]:
+def cases(
+    batch: int = 8, head_batch: int = 32, head_size: int = 512, scales: Sequence[tuple[int, int]] = MSFLOW_SCALES
+) -> list[Case]:
+    """The flow-block ops at each ``(channels, grid)`` of ``scales``, then the anomaly-map head.
+
+    The head's maps are MSFlow's 64/32/16 grids scaled by ``head_size / 512`` (``head_size <= 512``).
+    """
     out: list[Case] = []
-    for channels, grid in MSFLOW_SCALES:
+    for channels, grid in scales:
         out += [
             _coupling_case(batch, channels, grid),
             _global_affine_case(batch, channels, grid),
@@ -164,9 +172,15 @@ def _timed_fn(case: Case, provider: str, mode: str, tensors: list[torch.Tensor],
 
 
 def run_case(
-    case: Case, device: torch.device, dtype: torch.dtype, *, with_compile: bool = True, min_run_time: float = 0.5
+    case: Case,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    with_compile: bool = True,
+    min_run_time: float = 0.5,
+    providers: Collection[str] | None = None,
 ) -> list[Result]:
-    """Time every provider and mode of ``case``.
+    """Time every provider (or only those in ``providers``) and mode of ``case``.
 
     GB/s counts the minimal memory traffic: inputs read and outputs written once (``fwd``,
     ``inverse``); for ``fwd+bwd`` twice that plus the gradients written.
@@ -175,6 +189,13 @@ def run_case(
     inputs = tensors + list(kwargs.get("maps", []))
     results = []
     for provider in _providers(device, case.op, with_compile):
+        if providers is not None and provider not in providers:
+            continue
+        if provider == "compile":
+            # Fresh dynamo caches per case: each op's compiled function is shared by every shape and
+            # mode (a recompile each), and past torch._dynamo's recompile limit (8) it would run the
+            # eager reference while its rows said "compile" (the third scale's inverse, before this).
+            torch._dynamo.reset()
         for mode in case.modes:
             fn = _timed_fn(case, provider, mode, tensors, kwargs)
             with torch.no_grad():
@@ -199,3 +220,18 @@ def run_case(
                 )
             )
     return results
+
+
+def jobs(
+    case_list: Sequence[Case], device: torch.device, dtype: torch.dtype, *, with_compile: bool = True, min_run_time: float = 0.5
+) -> list[Job]:
+    """One job per (case, provider); the ``compile`` jobs are deferred (see :class:`harness.Job`)."""
+    out = []
+    for i, case in enumerate(case_list):
+        for j, provider in enumerate(_providers(device, case.op, with_compile)):
+
+            def run(case=case, provider=provider) -> list[Result]:
+                return run_case(case, device, dtype, with_compile=with_compile, min_run_time=min_run_time, providers=(provider,))
+
+            out.append(Job(f"[kernels] {case.op} {case.shape} {provider}", (i, j), run, deferred=provider == "compile"))
+    return out
