@@ -83,6 +83,27 @@ def _nll_case(batch: int, channels: int, grid: int) -> Case:
     return Case("gaussian_nll", f"B{batch} C{channels} {grid}x{grid}", make, _call("gaussian_nll"), modes=("fwd", "fwd+bwd"))
 
 
+def _subnet_norm_case(batch: int, channels: int, grid: int, cond_channels: int = 64) -> Case:
+    # The coupling subnet's LayerNorm + ReLU on conv1's output (width C/2 + c_cond), with the
+    # positional condition's conv share as a batch-constant addend.
+    hidden = channels // 2 + cond_channels
+
+    def make(device, dtype):
+        x = torch.randn(batch, hidden, grid, grid, device=device, dtype=dtype)
+        weight = 1 + 0.1 * torch.randn(hidden, device=device, dtype=dtype)
+        bias = 0.1 * torch.randn(hidden, device=device, dtype=dtype)
+        addend = torch.randn(1, hidden, grid, grid, device=device, dtype=dtype)
+        return [x, weight, bias, addend], {}
+
+    return Case(
+        "channel_layer_norm_relu",
+        f"B{batch} C{hidden} {grid}x{grid}",
+        make,
+        _call("channel_layer_norm_relu"),
+        modes=("fwd", "fwd+bwd"),
+    )
+
+
 def _aggregate_case(batch: int, size: int) -> Case:
     def make(device, dtype):
         maps = [-5 * torch.rand(batch, g // (512 // size), g // (512 // size), device=device, dtype=dtype) for _, g in MSFLOW_SCALES]
@@ -132,6 +153,7 @@ def cases(
             _coupling_case(batch, channels, grid),
             _global_affine_case(batch, channels, grid),
             _block_tail_case(batch, channels, grid),
+            _subnet_norm_case(batch, channels, grid),
             _nll_case(batch, channels, grid),
         ]
     out.append(_aggregate_case(head_batch, head_size))

@@ -3,9 +3,11 @@
 // (see msflow_fast/ops/reference.py: channel_layer_norm_relu). The CUDA kernels live in
 // csrc/cuda/norm.cu.
 //
-// Layout: x, addend and out are NCHW-contiguous. The CPU kernels walk tiles of kTile
-// consecutive pixels of one image: a tile's C rows stay in L1 across the passes (mean, variance,
-// write), and every inner loop runs along the pixels, so it vectorises without gathers.
+// Layout: addend, out and the backward's tensors are NCHW-contiguous; the CPU forward also reads a
+// channels-last x (what a channels-last conv returns), transposing it on the fly. The CPU kernels
+// walk tiles of kTile consecutive pixels of one image: the forward stages x + addend for a tile
+// in an L1 buffer (one read of x), the backward re-reads the tile's C rows, which stay in cache;
+// every inner loop runs along the pixels, so it vectorises without gathers.
 // half/bfloat16/float32 compute in float32, float64 in float64; mean and rstd [B, H*W] are
 // saved in that type for the backward.
 #include <ATen/Dispatch.h>
@@ -27,10 +29,12 @@ namespace msflow_fast {
 // Argument checks (shared with csrc/cuda/norm.cu)
 
 void check_layer_norm_relu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                           const c10::optional<at::Tensor>& addend, double eps) {
+                           const c10::optional<at::Tensor>& addend, double eps, bool allow_channels_last) {
   MSFLOW_CHECK_FLOAT(x);
   MSFLOW_CHECK_DIM(x, 4);
-  MSFLOW_CHECK_CONTIGUOUS(x);
+  TORCH_CHECK(x.is_contiguous() || (allow_channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "msflow_fast: x must be contiguous", allow_channels_last ? " (NCHW or channels-last)" : "",
+              ", got strides ", x.strides());
   const auto acc = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? at::kFloat : x.scalar_type();
   for (const at::Tensor* p : {&weight, &bias}) {
     const char* name = p == &weight ? "weight" : "bias";
@@ -56,7 +60,7 @@ void check_layer_norm_relu(const at::Tensor& x, const at::Tensor& weight, const 
 void check_layer_norm_relu_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bias, const c10::optional<at::Tensor>& addend,
                                const at::Tensor& mean, const at::Tensor& rstd) {
-  check_layer_norm_relu(x, weight, bias, addend, 1.0);
+  check_layer_norm_relu(x, weight, bias, addend, 1.0, /*allow_channels_last=*/false);
   MSFLOW_CHECK_SAME_DEVICE(x, grad);
   MSFLOW_CHECK_SAME_DTYPE(x, grad);
   MSFLOW_CHECK_CONTIGUOUS(grad);
@@ -96,21 +100,38 @@ inline void load_row(const scalar_t* x_row, const scalar_t* add_row, int64_t n, 
   }
 }
 
+// Forward on one tile: v[c, p] = x + addend staged in an L1 buffer (read once, from NCHW rows or,
+// channels-last, from NHWC pixel columns), then mean, two-pass variance and the write of NCHW rows.
 template <typename scalar_t, typename acc_t>
-void forward_kernel(const scalar_t* x, const scalar_t* addend, const acc_t* weight, const acc_t* bias, scalar_t* out,
-                    acc_t* mean_out, acc_t* rstd_out, const Dims& d, double eps) {
+void forward_kernel(const scalar_t* x, bool x_channels_last, const scalar_t* addend, const acc_t* weight,
+                    const acc_t* bias, scalar_t* out, acc_t* mean_out, acc_t* rstd_out, const Dims& d, double eps) {
   const int64_t tiles = (d.N + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d.C * kTile, 1));
   at::parallel_for(0, d.B * tiles, grain, [&](int64_t t0, int64_t t1) {
-    acc_t v[kTile], sum[kTile], mean[kTile], rstd[kTile];
+    std::vector<acc_t> staged(d.C * kTile);
+    acc_t sum[kTile], mean[kTile], rstd[kTile];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / tiles, p0 = (t % tiles) * kTile, n = std::min(kTile, d.N - p0);
-      const scalar_t* xb = x + b * d.C * d.N + p0;
       const scalar_t* ab = addend != nullptr ? addend + b * d.addend_stride + p0 : nullptr;
-      scalar_t* ob = out + b * d.C * d.N + p0;
+      if (x_channels_last) {
+        const scalar_t* xb = x + (b * d.N + p0) * d.C;  // [pixel, channel]
+        for (int64_t p = 0; p < n; ++p) {
+          const scalar_t* column = xb + p * d.C;
+          for (int64_t c = 0; c < d.C; ++c) staged[c * kTile + p] = static_cast<acc_t>(column[c]);
+        }
+        if (ab != nullptr) {
+          for (int64_t c = 0; c < d.C; ++c) {
+#pragma omp simd
+            for (int64_t p = 0; p < n; ++p) staged[c * kTile + p] += static_cast<acc_t>(ab[c * d.N + p]);
+          }
+        }
+      } else {
+        const scalar_t* xb = x + b * d.C * d.N + p0;
+        for (int64_t c = 0; c < d.C; ++c) load_row(xb + c * d.N, ab != nullptr ? ab + c * d.N : nullptr, n, &staged[c * kTile]);
+      }
       for (int64_t p = 0; p < kTile; ++p) sum[p] = acc_t(0);
       for (int64_t c = 0; c < d.C; ++c) {
-        load_row(xb + c * d.N, ab != nullptr ? ab + c * d.N : nullptr, n, v);
+        const acc_t* v = &staged[c * kTile];
 #pragma omp simd
         for (int64_t p = 0; p < n; ++p) sum[p] += v[p];
       }
@@ -120,7 +141,7 @@ void forward_kernel(const scalar_t* x, const scalar_t* addend, const acc_t* weig
         sum[p] = acc_t(0);
       }
       for (int64_t c = 0; c < d.C; ++c) {  // two-pass variance: no cancellation
-        load_row(xb + c * d.N, ab != nullptr ? ab + c * d.N : nullptr, n, v);
+        const acc_t* v = &staged[c * kTile];
 #pragma omp simd
         for (int64_t p = 0; p < n; ++p) sum[p] += (v[p] - mean[p]) * (v[p] - mean[p]);
       }
@@ -129,8 +150,9 @@ void forward_kernel(const scalar_t* x, const scalar_t* addend, const acc_t* weig
         mean_out[b * d.N + p0 + p] = mean[p];
         rstd_out[b * d.N + p0 + p] = rstd[p];
       }
+      scalar_t* ob = out + b * d.C * d.N + p0;
       for (int64_t c = 0; c < d.C; ++c) {
-        load_row(xb + c * d.N, ab != nullptr ? ab + c * d.N : nullptr, n, v);
+        const acc_t* v = &staged[c * kTile];
         const acc_t w = weight[c], bb = bias[c];
         scalar_t* orow = ob + c * d.N;
 #pragma omp simd
@@ -223,8 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_fwd_cpu(c
                                                                                 const at::Tensor& bias,
                                                                                 const c10::optional<at::Tensor>& addend,
                                                                                 double eps) {
-  check_layer_norm_relu(x, weight, bias, addend, eps);
+  check_layer_norm_relu(x, weight, bias, addend, eps, /*allow_channels_last=*/true);
   const Dims d = dims_of(x, addend);
+  const bool x_channels_last = !x.is_contiguous();
   const auto acc = layer_norm_acc_dtype(x.scalar_type());
   at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());
@@ -232,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_fwd_cpu(c
   at::Tensor rstd = new_output({d.B, d.N}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_layer_norm_relu_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), addend.has_value() ? addend->data_ptr<scalar_t>() : nullptr,
+    forward_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), x_channels_last, addend.has_value() ? addend->data_ptr<scalar_t>() : nullptr,
                                     w.data_ptr<acc_t>(), b.data_ptr<acc_t>(), out.data_ptr<scalar_t>(),
                                     mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), d, eps);
   });

@@ -155,3 +155,21 @@ def test_cpp_checks_name_the_argument():
         torch.ops.msflow_fast.channel_layer_norm_relu_fwd(x, w, w, x[:, :2].contiguous(), 1e-5)
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         torch.ops.msflow_fast.channel_layer_norm_relu_fwd(x.transpose(2, 3), w, w, None, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(2, 96, 6, 7), (3, 5, 1, 9), (1, 300, 4, 5)], ids=str)
+def test_channels_last_input_forward_and_backward(backend, dtype, shape):
+    """A channels-last x (a channels-last conv's output) gives the NCHW op's values and gradients."""
+    x, weight, bias, addend = _inputs(shape, addend_batch=1)
+    params = [weight.float(), bias.float()] if dtype == torch.bfloat16 else [weight.to(dtype), bias.to(dtype)]
+    x_cl = x.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_nchw = x.to(dtype).contiguous().requires_grad_()
+    out_cl = ops.channel_layer_norm_relu(x_cl, *params, addend.to(dtype), backend=backend)
+    out = ops.channel_layer_norm_relu(x_nchw, *params, addend.to(dtype), backend=backend)
+    torch.testing.assert_close(out_cl, out, rtol=0, atol=0)
+    cotangent = torch.randn_like(out)
+    (g_cl,) = torch.autograd.grad(out_cl, x_cl, cotangent)
+    (g,) = torch.autograd.grad(out, x_nchw, cotangent)
+    torch.testing.assert_close(g_cl, g, rtol=0, atol=0)

@@ -24,7 +24,7 @@ namespace msflow_fast {
 
 // Shared with csrc/norm.cpp.
 void check_layer_norm_relu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                           const c10::optional<at::Tensor>& addend, double eps);
+                           const c10::optional<at::Tensor>& addend, double eps, bool allow_channels_last);
 void check_layer_norm_relu_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bias, const c10::optional<at::Tensor>& addend,
                                const at::Tensor& mean, const at::Tensor& rstd);
@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_fwd_cuda(
                                                                                  const at::Tensor& bias,
                                                                                  const c10::optional<at::Tensor>& addend,
                                                                                  double eps) {
-  check_layer_norm_relu(x, weight, bias, addend, eps);
+  check_layer_norm_relu(x, weight, bias, addend, eps, /*allow_channels_last=*/false);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2) * x.size(3), total = B * N;
   const auto acc = layer_norm_acc_dtype(x.scalar_type());

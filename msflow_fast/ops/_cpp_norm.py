@@ -47,7 +47,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, weight, bias, addend, mean, rstd = ctx.saved_tensors
     grad_x, grad_weight, grad_bias = _ops.channel_layer_norm_relu_bwd(
-        grad_out.contiguous(), x, weight, bias, addend, mean, rstd
+        grad_out.contiguous(), x.contiguous(), weight, bias, addend, mean, rstd
     )
     grad_addend = None
     if addend is not None and ctx.needs_input_grad[3]:
@@ -66,7 +66,8 @@ def channel_layer_norm_relu(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``relu(LayerNorm_C(x + addend))``; see :func:`msflow_fast.ops.reference.channel_layer_norm_relu`."""
-    x = x.contiguous()
+    if not (x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()  # the CPU forward also reads channels-last x directly
     if addend is not None:
         # An expanded (batch stride 0) addend is read once per pixel, not materialised per sample.
         addend = (addend[:1] if addend.shape[0] > 1 and addend.stride(0) == 0 else addend).contiguous()
