@@ -26,6 +26,11 @@
 
 namespace msflow_fast {
 
+// The accumulation dtype of the ops (log-dets, per-channel parameters and their gradients,
+// statistics): float32 for float16/bfloat16/float32 inputs, float64 for float64.
+inline at::ScalarType acc_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType acc_dtype(const at::Tensor& x) { return acc_dtype(x.scalar_type()); }
+
 inline bool poison_outputs() {
   static const bool enabled = [] {
     const char* value = std::getenv("MSFLOW_FAST_POISON_OUTPUTS");

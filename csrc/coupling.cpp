@@ -75,11 +75,6 @@ void check_clamp(double clamp) {
   TORCH_CHECK(std::isfinite(clamp) && clamp > 0.0, "msflow_fast: clamp must be a finite float > 0, got ", clamp);
 }
 
-// Dtype of the per-sample and per-channel tensors: float for float/half/bfloat16 x, double for double.
-at::ScalarType acc_dtype(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 // Same device as x, contiguous, in the accumulation dtype of x.
 void check_acc(const at::Tensor& x, const at::Tensor& other, const char* name) {
   TORCH_CHECK(other.device() == x.device(), "msflow_fast: ", name, " is on ", other.device(), " but x is on ",

@@ -210,11 +210,11 @@ struct Scale {
 template <typename acc_t>
 std::vector<Scale<acc_t>> prepare_scales(at::TensorList maps, int64_t H, int64_t W, int64_t& total_rows) {
   std::vector<Scale<acc_t>> scales;
-  const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   total_rows = 0;
   for (const auto& m : maps) {
     Scale<acc_t> s;
-    s.logp = m.to(acc_dtype).contiguous();
+    s.logp = m.to(acc_type).contiguous();
     s.h = m.size(1);
     s.w = m.size(2);
     s.row_offset = total_rows;
@@ -353,10 +353,6 @@ int64_t head_top_k_count(int64_t num_pixels, double top_k) {
   return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(num_pixels) * top_k));
 }
 
-at::ScalarType head_acc_dtype(at::ScalarType dtype) {
-  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Gaussian NLL
 
@@ -364,10 +360,10 @@ at::Tensor gaussian_nll_fwd_cpu(const at::Tensor& z, const at::Tensor& logdet) {
   check_per_sample(z, logdet, "logdet");
   const int64_t B = z.size(0);
   const int64_t N = B > 0 ? z.numel() / B : 0;
-  const auto acc_dtype = head_acc_dtype(z.scalar_type());
+  const auto acc_type = acc_dtype(z.scalar_type());
   at::Tensor zc = z.contiguous();
-  at::Tensor ld = logdet.to(acc_dtype).contiguous();
-  at::Tensor out = new_output({B}, z.options().dtype(acc_dtype));
+  at::Tensor ld = logdet.to(acc_type).contiguous();
+  at::Tensor out = new_output({B}, z.options().dtype(acc_type));
   const int64_t chunks = std::max<int64_t>(1, (N + kSumChunk - 1) / kSumChunk);
   std::vector<double> partial(B * chunks, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gaussian_nll_fwd_cpu", [&] {
@@ -396,7 +392,7 @@ at::Tensor gaussian_nll_bwd_cpu(const at::Tensor& grad, const at::Tensor& z) {
   const int64_t B = z.size(0);
   const int64_t N = B > 0 ? z.numel() / B : 0;
   at::Tensor zc = z.contiguous();
-  at::Tensor g = grad.to(head_acc_dtype(z.scalar_type())).contiguous();
+  at::Tensor g = grad.to(acc_dtype(z.scalar_type())).contiguous();
   at::Tensor out = new_output(z.sizes(), zc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gaussian_nll_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -422,9 +418,9 @@ at::Tensor gaussian_nll_bwd_cpu(const at::Tensor& grad, const at::Tensor& z) {
 at::Tensor log_likelihood_map_fwd_cpu(const at::Tensor& z) {
   check_log_likelihood_map(z);
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
-  const auto acc_dtype = head_acc_dtype(z.scalar_type());
+  const auto acc_type = acc_dtype(z.scalar_type());
   at::Tensor zc = z.contiguous();
-  at::Tensor out = new_output({B, H, W}, z.options().dtype(acc_dtype));
+  at::Tensor out = new_output({B, H, W}, z.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "log_likelihood_map_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zp = zc.data_ptr<scalar_t>();
@@ -454,7 +450,7 @@ at::Tensor log_likelihood_map_bwd_cpu(const at::Tensor& grad, const at::Tensor& 
   check_log_likelihood_map_bwd(grad, z);
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
   at::Tensor zc = z.contiguous();
-  at::Tensor g = grad.to(head_acc_dtype(z.scalar_type())).contiguous();
+  at::Tensor g = grad.to(acc_dtype(z.scalar_type())).contiguous();
   at::Tensor out = new_output(z.sizes(), zc.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "log_likelihood_map_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -35,7 +35,7 @@ void check_layer_norm_relu(const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(x.is_contiguous() || (allow_channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast)),
               "msflow_fast: x must be contiguous", allow_channels_last ? " (NCHW or channels-last)" : "",
               ", got strides ", x.strides());
-  const auto acc = (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) ? at::kFloat : x.scalar_type();
+  const auto acc = acc_dtype(x);
   for (const at::Tensor* p : {&weight, &bias}) {
     const char* name = p == &weight ? "weight" : "bias";
     TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), "msflow_fast: ", name, " must have shape [C] = (",
@@ -72,11 +72,9 @@ void check_layer_norm_relu_bwd(const at::Tensor& grad, const at::Tensor& x, cons
                 x.device());
     TORCH_CHECK(s->dim() == 2 && s->size(0) == x.size(0) && s->size(1) == x.size(2) * x.size(3),
                 "msflow_fast: ", name, " must have shape [B, H*W], got ", s->sizes());
+    TORCH_CHECK(s->scalar_type() == acc_dtype(x), "msflow_fast: ", name, " must be ", acc_dtype(x), ", got ",
+                s->scalar_type());
   }
-}
-
-at::ScalarType layer_norm_acc_dtype(at::ScalarType dtype) {
-  return (dtype == at::kHalf || dtype == at::kBFloat16) ? at::kFloat : dtype;
 }
 
 namespace {
@@ -248,7 +246,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_fwd_cpu(c
   check_layer_norm_relu(x, weight, bias, addend, eps, /*allow_channels_last=*/true);
   const Dims d = dims_of(x, addend);
   const bool x_channels_last = !x.is_contiguous();
-  const auto acc = layer_norm_acc_dtype(x.scalar_type());
+  const auto acc = acc_dtype(x.scalar_type());
   at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());
   at::Tensor mean = new_output({d.B, d.N}, x.options().dtype(acc));
@@ -267,9 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_bwd_cpu(
     const c10::optional<at::Tensor>& addend, const at::Tensor& mean, const at::Tensor& rstd) {
   check_layer_norm_relu_bwd(grad, x, weight, bias, addend, mean, rstd);
   const Dims d = dims_of(x, addend);
-  const auto acc = layer_norm_acc_dtype(x.scalar_type());
-  TORCH_CHECK(mean.scalar_type() == acc && rstd.scalar_type() == acc, "msflow_fast: mean and rstd must be ", acc,
-              ", got ", mean.scalar_type(), " and ", rstd.scalar_type());
+  const auto acc = acc_dtype(x.scalar_type());
   at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_weight = new_output({d.C}, x.options().dtype(acc));

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dtypes import acc_dtype, tl_acc
+
 CLAMP_FORM_IDS = {"tanh": 0, "tanh_scaled": 1, "atan": 2}
 """Integer code of each ``clamp_form`` passed to the kernels as a ``tl.constexpr``."""
 AFFINE_TYPE_IDS = {"SOFTPLUS": 0, "SIGMOID": 1, "EXP": 2}
@@ -508,15 +510,6 @@ def _coupling_affine_permute_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation and arithmetic dtype: float64 for float64 tensors, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype) -> tl.dtype:
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _elementwise_config(numel: int, device: torch.device) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` for the flat per-sample kernels."""
     cap = _CPU_ELEMENTWISE_BLOCK if device.type == "cpu" else _GPU_ELEMENTWISE_BLOCK
@@ -552,7 +545,7 @@ def _affine_coupling_launch(kernel, x: torch.Tensor, a: torch.Tensor, clamp: flo
     a = a.contiguous()
     batch, channels, height, width = x.shape
     numel = channels * height * width
-    acc = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
     if batch == 0 or numel == 0:
         return y, torch.zeros(batch, dtype=acc, device=x.device)
@@ -568,7 +561,7 @@ def _affine_coupling_launch(kernel, x: torch.Tensor, a: torch.Tensor, clamp: flo
         NUM_BLOCKS=num_blocks,
         CLAMP=float(clamp),
         CLAMP_FORM=_clamp_form_id(clamp_form),
-        COMPUTE_DTYPE=_tl_dtype(x.dtype),
+        COMPUTE_DTYPE=tl_acc(x.dtype),
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -636,7 +629,7 @@ def affine_coupling_bwd(
         CLAMP=float(clamp),
         CLAMP_FORM=_clamp_form_id(clamp_form),
         REVERSE=bool(reverse),
-        COMPUTE_DTYPE=_tl_dtype(x.dtype),
+        COMPUTE_DTYPE=tl_acc(x.dtype),
         BLOCK=block,
         num_warps=num_warps,
     )
@@ -645,7 +638,7 @@ def affine_coupling_bwd(
 
 def _channel_params(x: torch.Tensor, global_scale: torch.Tensor, global_offset: torch.Tensor, perm: torch.Tensor):
     # [C] each, parameters in the compute dtype (float32 ones of half x are not rounded to x.dtype)
-    acc = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     return (
         global_scale.reshape(-1).to(acc).contiguous(),
         global_offset.reshape(-1).to(acc).contiguous(),
@@ -658,7 +651,7 @@ def _global_affine_permute_launch(kernel, x, global_scale, global_offset, perm, 
     global_scale, global_offset, perm = _channel_params(x, global_scale, global_offset, perm)
     batch, channels, height, width = x.shape
     pixels = height * width
-    acc = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
     if batch == 0 or pixels == 0 or channels == 0:
         return y, torch.zeros(batch, dtype=acc, device=x.device)
@@ -675,7 +668,7 @@ def _global_affine_permute_launch(kernel, x, global_scale, global_offset, perm, 
         C=channels,
         N=pixels,
         AFFINE_TYPE=_affine_type_id(affine_type),
-        COMPUTE_DTYPE=_tl_dtype(x.dtype),
+        COMPUTE_DTYPE=tl_acc(x.dtype),
         BLOCK_C=block_c,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -745,7 +738,7 @@ def global_affine_permute_bwd(
     global_scale, global_offset, perm = _channel_params(x, global_scale, global_offset, perm)
     batch, channels, height, width = x.shape
     pixels = height * width
-    acc = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     grad_x = torch.empty_like(x)
     if batch == 0 or pixels == 0 or channels == 0:
         zeros = torch.zeros(channels, dtype=acc, device=x.device)
@@ -770,7 +763,7 @@ def global_affine_permute_bwd(
         NUM_N_BLOCKS=num_n_blocks,
         AFFINE_TYPE=_affine_type_id(affine_type),
         REVERSE=bool(reverse),
-        COMPUTE_DTYPE=_tl_dtype(x.dtype),
+        COMPUTE_DTYPE=tl_acc(x.dtype),
         BLOCK_C=block_c,
         BLOCK_N=block_n,
         BLOCK_B=max(2, triton.next_power_of_2(batch)),
@@ -819,7 +812,7 @@ def coupling_affine_permute_fwd(
     channels, passive = _check_block_tail(x, a)
     batch, _, height, width = x.shape
     pixels = height * width
-    acc = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     y = torch.empty_like(x)
     if batch == 0 or pixels == 0:
         return y, torch.zeros(batch, dtype=acc, device=x.device)
@@ -842,7 +835,7 @@ def coupling_affine_permute_fwd(
         CLAMP=float(clamp),
         CLAMP_FORM=_clamp_form_id(clamp_form),
         AFFINE_TYPE=_affine_type_id(affine_type),
-        COMPUTE_DTYPE=_tl_dtype(x.dtype),
+        COMPUTE_DTYPE=tl_acc(x.dtype),
         BLOCK_C=block_c,
         BLOCK_N=block_n,
         num_warps=num_warps,
@@ -877,7 +870,7 @@ def coupling_affine_permute_bwd(
     channels, passive = _check_block_tail(x, a)
     batch, _, height, width = x.shape
     pixels = height * width
-    acc = _compute_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     grad_x = torch.empty_like(x)
     grad_a = torch.empty_like(a)
     if batch == 0 or pixels == 0:
@@ -907,7 +900,7 @@ def coupling_affine_permute_bwd(
         CLAMP=float(clamp),
         CLAMP_FORM=_clamp_form_id(clamp_form),
         AFFINE_TYPE=_affine_type_id(affine_type),
-        COMPUTE_DTYPE=_tl_dtype(x.dtype),
+        COMPUTE_DTYPE=tl_acc(x.dtype),
         BLOCK_C=block_c,
         BLOCK_N=block_n,
         BLOCK_B=max(2, triton.next_power_of_2(batch)),

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dtypes import acc_dtype, tl_acc
+
 MAX_SCALES = 4
 """Scales handled by one launch of the fused aggregation kernel (more are chained)."""
 
@@ -21,14 +23,6 @@ _BLOCK_N = 4096 if _INTERPRET else 1024
 _BLOCK_MAP = 4096 if _INTERPRET else 512
 _NLL_SPLIT_ELEMENTS = 1 << 22 if _INTERPRET else 1 << 16
 _RADIX_BITS = 8
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 # --------------------------------------------------------------------------------------------- NLL
@@ -76,7 +70,7 @@ def _gaussian_nll_bwd_kernel(grad_ptr, z_ptr, dz_ptr, N, ACC: tl.constexpr, BLOC
 def gaussian_nll_fwd(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     """``0.5 * sum z[b]^2 - logdet[b]`` of contiguous ``z [B, N]``, ``logdet [B]`` -> ``[B]`` (acc dtype)."""
     B, N = z.shape
-    acc = _acc_dtype(z.dtype)
+    acc = acc_dtype(z.dtype)
     if N == 0:
         return -logdet.to(acc)
     split = max(1, triton.cdiv(N, _NLL_SPLIT_ELEMENTS))
@@ -87,14 +81,14 @@ def gaussian_nll_fwd(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
     if B == 0:
         return out
     _gaussian_nll_fwd_kernel[(B, split)](
-        z_ptr=z, partial_ptr=partial, N=N, chunk=chunk, SPLIT=split, ACC=_tl_acc(z.dtype), BLOCK_N=_BLOCK_N
+        z_ptr=z, partial_ptr=partial, N=N, chunk=chunk, SPLIT=split, ACC=tl_acc(z.dtype), BLOCK_N=_BLOCK_N
     )
     _gaussian_nll_fwd_reduce_kernel[(B,)](
         partial_ptr=partial,
         logdet_ptr=logdet,
         out_ptr=out,
         SPLIT=split,
-        ACC=_tl_acc(z.dtype),
+        ACC=tl_acc(z.dtype),
         BLOCK_S=triton.next_power_of_2(split),
     )
     return out
@@ -107,7 +101,7 @@ def gaussian_nll_bwd(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     if z.numel() == 0:
         return dz
     _gaussian_nll_bwd_kernel[(B, triton.cdiv(N, _BLOCK_N))](
-        grad_ptr=grad, z_ptr=z, dz_ptr=dz, N=N, ACC=_tl_acc(z.dtype), BLOCK_N=_BLOCK_N
+        grad_ptr=grad, z_ptr=z, dz_ptr=dz, N=N, ACC=tl_acc(z.dtype), BLOCK_N=_BLOCK_N
     )
     return dz
 
@@ -165,12 +159,12 @@ def log_likelihood_map_fwd(z: torch.Tensor) -> torch.Tensor:
     """``-0.5 * mean_c z^2`` of contiguous ``z [B, C, H, W]`` -> ``[B, H, W]`` (acc dtype)."""
     B, C, H, W = z.shape
     N = H * W
-    out = torch.empty((B, H, W), dtype=_acc_dtype(z.dtype), device=z.device)
+    out = torch.empty((B, H, W), dtype=acc_dtype(z.dtype), device=z.device)
     if out.numel() == 0:
         return out
     block_c, block_n = _map_blocks(C, N)
     _log_likelihood_map_fwd_kernel[(B, triton.cdiv(N, block_n))](
-        z_ptr=z, out_ptr=out, C=C, N=N, ACC=_tl_acc(z.dtype), BLOCK_C=block_c, BLOCK_N=block_n
+        z_ptr=z, out_ptr=out, C=C, N=N, ACC=tl_acc(z.dtype), BLOCK_C=block_c, BLOCK_N=block_n
     )
     return out
 
@@ -184,7 +178,7 @@ def log_likelihood_map_bwd(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return dz
     block_c, block_n = _map_blocks(C, N)
     _log_likelihood_map_bwd_kernel[(B, triton.cdiv(N, block_n))](
-        grad_ptr=grad, z_ptr=z, dz_ptr=dz, C=C, N=N, ACC=_tl_acc(z.dtype), BLOCK_C=block_c, BLOCK_N=block_n
+        grad_ptr=grad, z_ptr=z, dz_ptr=dz, C=C, N=N, ACC=tl_acc(z.dtype), BLOCK_C=block_c, BLOCK_N=block_n
     )
     return dz
 
@@ -406,7 +400,7 @@ def top_k_mean_fwd(values: torch.Tensor, k: int, out_dtype: torch.dtype | None =
     bits = 64 if values.dtype == torch.float64 else 32
     block = min(triton.next_power_of_2(max(N, 1)), 4096 if _INTERPRET else 2048)
     _top_k_mean_fwd_kernel[(B,)](
-        values_ptr=values, out_ptr=out, N=N, k=k, ACC=_tl_acc(values.dtype), BITS=bits, RADIX=_RADIX_BITS, BLOCK=block
+        values_ptr=values, out_ptr=out, N=N, k=k, ACC=tl_acc(values.dtype), BITS=bits, RADIX=_RADIX_BITS, BLOCK=block
     )
     return out
 
@@ -418,8 +412,8 @@ def _upsampled_sums(
     B = maps[0].shape[0]
     H, W = output_size
     N = H * W
-    acc = _acc_dtype(maps[0].dtype)
-    tl_acc = _tl_acc(maps[0].dtype)
+    acc = acc_dtype(maps[0].dtype)
+    acc_tl = tl_acc(maps[0].dtype)
     scales = []
     for m in maps:
         m = m.contiguous()
@@ -432,7 +426,7 @@ def _upsampled_sums(
             prob_ptr=prob,
             n=h * w,
             WITH_PROB=with_prob,
-            ACC=tl_acc,
+            ACC=acc_tl,
             BLOCK=min(triton.next_power_of_2(h * w), 4096 if _INTERPRET else 1024),
         )
         scales.append((logp_acc, prob, h, w))
@@ -457,7 +451,7 @@ def _upsampled_sums(
             NUM_SCALES=len(group),
             ACCUMULATE=first > 0,
             WITH_PROB=with_prob,
-            ACC=tl_acc,
+            ACC=acc_tl,
             BLOCK=_BLOCK_MAP,
         )
     return sum_log, (sum_prob if with_prob else None), block_max, num_blocks

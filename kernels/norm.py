@@ -16,15 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._dtypes import acc_dtype, tl_acc
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _blocks(C: int, N: int) -> tuple[int, int]:
@@ -144,15 +138,16 @@ def channel_layer_norm_relu_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Contiguous ``x [B, C, H, W]``, ``addend [1 or B, C, H, W]`` or None -> ``(out, mean [B, N], rstd [B, N])``."""
     B, C, N, block_c, block_n, tiles, add_batch_stride, add = _launch_args(x, addend)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     out = torch.empty_like(x)
     mean = torch.empty((B, N), dtype=acc, device=x.device)
     rstd = torch.empty((B, N), dtype=acc, device=x.device)
     if x.numel() == 0:
         return out, mean, rstd
     _channel_layer_norm_relu_fwd_kernel[(B * tiles,)](
-        x, add, weight, bias, out, mean, rstd, C, N, tiles, add_batch_stride, float(eps),
-        HAS_ADD=addend is not None, ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_N=block_n,
+        x_ptr=x, add_ptr=add, w_ptr=weight, b_ptr=bias, out_ptr=out, mean_ptr=mean, rstd_ptr=rstd,
+        C=C, N=N, tiles=tiles, add_batch_stride=add_batch_stride, eps=float(eps),
+        HAS_ADD=addend is not None, ACC=tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_N=block_n,
     )
     return out, mean, rstd
 
@@ -168,14 +163,16 @@ def channel_layer_norm_relu_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_x, grad_weight [C], grad_bias [C])``; the parameter gradients in the acc dtype."""
     B, C, N, block_c, block_n, tiles, add_batch_stride, add = _launch_args(x, addend)
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     grad_x = torch.empty_like(x)
     dw_partial = torch.empty((B * tiles, C), dtype=acc, device=x.device)
     db_partial = torch.empty((B * tiles, C), dtype=acc, device=x.device)
     if x.numel() == 0:
         return grad_x, dw_partial.sum(0), db_partial.sum(0)
     _channel_layer_norm_relu_bwd_kernel[(B * tiles,)](
-        grad, x, add, weight, bias, mean, rstd, grad_x, dw_partial, db_partial, C, N, tiles, add_batch_stride,
-        HAS_ADD=addend is not None, ACC=_tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_N=block_n,
+        grad_ptr=grad, x_ptr=x, add_ptr=add, w_ptr=weight, b_ptr=bias, mean_ptr=mean, rstd_ptr=rstd,
+        dx_ptr=grad_x, dw_partial_ptr=dw_partial, db_partial_ptr=db_partial,
+        C=C, N=N, tiles=tiles, add_batch_stride=add_batch_stride,
+        HAS_ADD=addend is not None, ACC=tl_acc(x.dtype), BLOCK_C=block_c, BLOCK_N=block_n,
     )
     return grad_x, dw_partial.sum(0), db_partial.sum(0)

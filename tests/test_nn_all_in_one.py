@@ -533,3 +533,30 @@ def test_condition_cache_follows_autocast():
     assert low.dtype == torch.bfloat16 and plain.dtype == again.dtype == torch.float32
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
     torch.testing.assert_close(low.float(), plain, rtol=0.05, atol=0.05)
+
+
+def test_condition_cache_is_safe_in_inference_mode_and_dropped_on_copy_and_move():
+    torch.manual_seed(8)
+    subnet = subnet_conv_ln(3 + 4, 6)
+    x = torch.randn(2, 3, 5, 6)
+    with torch.inference_mode():  # conditions made in inference mode carry no version counter
+        cond = torch.randn(1, 4, 5, 6)
+        first = subnet.forward_split(x, [cond.expand(2, -1, -1, -1)])
+        again = subnet.forward_split(x, [cond.expand(2, -1, -1, -1)])
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert subnet._condition_cache is None, "inference mode must not fill the cache"
+    # A constant computed under inference mode must not leak into autograd later.
+    x_grad = x.clone().requires_grad_()
+    out = subnet.forward_split(x_grad, [cond.clone().expand(2, -1, -1, -1)])
+    out.sum().backward()
+    assert x_grad.grad is not None
+    plain_cond = torch.randn(1, 4, 5, 6)
+    with torch.no_grad():
+        subnet.forward_split(x, [plain_cond.expand(2, -1, -1, -1)])
+    assert subnet._condition_cache is not None
+    assert copy.deepcopy(subnet)._condition_cache is None
+    subnet.double()
+    assert subnet._condition_cache is None
+    with torch.no_grad():
+        out = subnet.forward_split(x.double(), [plain_cond.double().expand(2, -1, -1, -1)])
+    assert out.dtype == torch.float64

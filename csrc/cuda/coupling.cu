@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "reduce.cuh"
 #include "coupling_math.h"
 
 namespace msflow_fast {
@@ -91,28 +92,7 @@ __device__ __forceinline__ T global_scale_and_grad(T gamma, int64_t affine_type,
   return coupling::global_scale_and_grad<CudaMath>(gamma, affine_type, dg);
 }
 
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); the total is valid in thread 0. Every
-// thread of the block must call it; it may be called several times in a row.
-template <typename T>
-__device__ T block_sum(T v) {
-  __shared__ T partials[32];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  v = warp_sum(v);
-  if (lane == 0) partials[warp] = v;
-  __syncthreads();
-  const int warps = (blockDim.x + 31) >> 5;
-  v = (static_cast<int>(threadIdx.x) < warps) ? partials[threadIdx.x] : T(0);
-  if (warp == 0) v = warp_sum(v);
-  __syncthreads();
-  return v;
-}
+using cuda_reduce::block_reduce_sum;  // reduce.cuh
 
 __device__ __forceinline__ int64_t thread_start() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -142,7 +122,7 @@ __global__ void affine_coupling_kernel(const scalar_t* __restrict__ x, const sca
     yb[j] = static_cast<scalar_t>(REVERSE ? (xv - t) * dev_exp(-s) : xv * dev_exp(s) + t);
     sum += s;
   }
-  sum = block_sum(sum);
+  sum = block_reduce_sum(sum);
   if (threadIdx.x == 0) atomicAdd(logdet + b, REVERSE ? -sum : sum);
 }
 
@@ -204,7 +184,7 @@ __global__ void channel_scale_kernel(const at::opmath_type<scalar_t>* __restrict
     dg[c] = dgc;
     log_sum += dev_log(gc);
   }
-  log_sum = block_sum(log_sum);
+  log_sum = block_reduce_sum(log_sum);
   if (threadIdx.x == 0) total = signed_n * log_sum;
   __syncthreads();
   for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) logdet[b] = total;
@@ -269,8 +249,8 @@ __global__ void global_affine_permute_bwd_kernel(const scalar_t* __restrict__ gr
     }
     s2 += gy;
   }
-  s1 = block_sum(s1);
-  s2 = block_sum(s2);
+  s1 = block_reduce_sum(s1);
+  s2 = block_reduce_sum(s2);
   if (threadIdx.x == 0) {
     atomicAdd(sum_gy_v + c, s1);
     atomicAdd(sum_gy + c, s2);
@@ -338,7 +318,7 @@ __global__ void coupling_affine_permute_kernel(const scalar_t* __restrict__ x, c
     }
     yb[j] = static_cast<scalar_t>(u * g[c] + offset[c]);
   }
-  sum = block_sum(sum);
+  sum = block_reduce_sum(sum);
   if (threadIdx.x == 0) atomicAdd(logdet + b, sum);
 }
 
@@ -385,8 +365,8 @@ __global__ void coupling_affine_permute_bwd_kernel(
     }
     s2 += gy;
   }
-  s1 = block_sum(s1);
-  s2 = block_sum(s2);
+  s1 = block_reduce_sum(s1);
+  s2 = block_reduce_sum(s2);
   if (threadIdx.x == 0) {
     atomicAdd(sum_gy_v + c, s1);
     atomicAdd(sum_gy + c, s2);
@@ -412,10 +392,6 @@ unsigned int blocks_for(int64_t work) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, kMaxBlocksX)));
 }
 
-at::ScalarType acc_type(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_grid_rows(int64_t rows, const char* what) {
   TORCH_CHECK(rows <= kMaxGridY, "msflow_fast: the CUDA kernels support at most ", kMaxGridY, " ", what, ", got ",
               rows);
@@ -429,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> affine_coupling_cuda(const at::Tensor& x, con
   check_grid_rows(batch, "samples (x.size(0))");
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());
-  at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_type(x)));
+  at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_dtype(x)));
   if (batch > 0 && cn > 0) {
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const dim3 grid(blocks_for(cn), static_cast<unsigned int>(batch));
@@ -518,10 +494,10 @@ std::tuple<at::Tensor, at::Tensor> global_affine_permute_cuda(const at::Tensor& 
   check_grid_rows(batch, "samples (x.size(0))");
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());
-  at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_type(x)));
+  at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_dtype(x)));
   if (batch == 0 || channels == 0) return {y, acc};
-  at::Tensor g = at::empty({channels}, x.options().dtype(acc_type(x)));
-  at::Tensor dg = at::empty({channels}, x.options().dtype(acc_type(x)));
+  at::Tensor g = at::empty({channels}, x.options().dtype(acc_dtype(x)));
+  at::Tensor dg = at::empty({channels}, x.options().dtype(acc_dtype(x)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "global_affine_permute_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -570,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_affine_permute_bwd_cuda(
   at::Tensor grad_x = new_output(x.sizes(), x.options());
   at::Tensor grad_scale = new_output(global_scale.sizes(), global_scale.options());
   at::Tensor grad_offset = new_output(global_offset.sizes(), global_offset.options());
-  const at::TensorOptions acc_options = x.options().dtype(acc_type(x));
+  const at::TensorOptions acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor g = at::empty({channels}, acc_options);
   at::Tensor dg = at::empty({channels}, acc_options);
   at::Tensor unused_logdet = at::empty({batch}, acc_options);
@@ -625,10 +601,10 @@ std::tuple<at::Tensor, at::Tensor> coupling_affine_permute_fwd_cuda(const at::Te
   check_grid_rows(batch, "samples (x.size(0))");
   const c10::cuda::CUDAGuard device_guard(x.device());
   at::Tensor y = new_output(x.sizes(), x.options());
-  at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_type(x)));
+  at::Tensor acc = at::zeros({batch}, x.options().dtype(acc_dtype(x)));
   if (batch == 0) return {y, acc};
-  at::Tensor g = at::empty({channels}, x.options().dtype(acc_type(x)));
-  at::Tensor dg = at::empty({channels}, x.options().dtype(acc_type(x)));
+  at::Tensor g = at::empty({channels}, x.options().dtype(acc_dtype(x)));
+  at::Tensor dg = at::empty({channels}, x.options().dtype(acc_dtype(x)));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_affine_permute_fwd_cuda", [&] {
     using T = at::opmath_type<scalar_t>;
@@ -661,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> coupling_affine_permu
   at::Tensor grad_a = new_output(a.sizes(), a.options());
   at::Tensor grad_scale = new_output(global_scale.sizes(), global_scale.options());
   at::Tensor grad_offset = new_output(global_scale.sizes(), global_scale.options());
-  const at::TensorOptions acc_options = x.options().dtype(acc_type(x));
+  const at::TensorOptions acc_options = x.options().dtype(acc_dtype(x));
   at::Tensor g = at::empty({channels}, acc_options);
   at::Tensor dg = at::empty({channels}, acc_options);
   at::Tensor unused_logdet = at::empty({batch}, acc_options);

@@ -24,7 +24,6 @@ void check_log_likelihood_map(const at::Tensor& z);
 void check_log_likelihood_map_bwd(const at::Tensor& grad, const at::Tensor& z);
 void check_head_maps(at::TensorList maps, at::IntArrayRef output_size, double top_k);
 int64_t head_top_k_count(int64_t num_pixels, double top_k);
-at::ScalarType head_acc_dtype(at::ScalarType dtype);
 
 namespace {
 
@@ -344,10 +343,10 @@ at::Tensor gaussian_nll_fwd_cuda(const at::Tensor& z, const at::Tensor& logdet) 
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = z.size(0);
   const int64_t N = B > 0 ? z.numel() / B : 0;
-  const auto acc_dtype = head_acc_dtype(z.scalar_type());
+  const auto acc_type = acc_dtype(z.scalar_type());
   const at::Tensor zc = z.contiguous();
-  const at::Tensor ld = logdet.to(acc_dtype).contiguous();
-  at::Tensor out = new_output({B}, z.options().dtype(acc_dtype));
+  const at::Tensor ld = logdet.to(acc_type).contiguous();
+  at::Tensor out = new_output({B}, z.options().dtype(acc_type));
   if (B == 0) return out;
   check_batch_fits_grid(B);
   const int64_t splits = std::max<int64_t>(1, ceil_div(N, kNllChunk));
@@ -372,7 +371,7 @@ at::Tensor gaussian_nll_bwd_cuda(const at::Tensor& grad, const at::Tensor& z) {
   const int64_t B = z.size(0), total = z.numel();
   const int64_t N = B > 0 ? total / B : 0;
   const at::Tensor zc = z.contiguous();
-  const at::Tensor g = grad.to(head_acc_dtype(z.scalar_type())).contiguous();
+  const at::Tensor g = grad.to(acc_dtype(z.scalar_type())).contiguous();
   at::Tensor out = new_output(z.sizes(), zc.options());
   if (total == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "gaussian_nll_bwd_cuda", [&] {
@@ -390,7 +389,7 @@ at::Tensor log_likelihood_map_fwd_cuda(const at::Tensor& z) {
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3), N = H * W;
   const at::Tensor zc = z.contiguous();
-  at::Tensor out = new_output({B, H, W}, z.options().dtype(head_acc_dtype(z.scalar_type())));
+  at::Tensor out = new_output({B, H, W}, z.options().dtype(acc_dtype(z.scalar_type())));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "log_likelihood_map_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -407,7 +406,7 @@ at::Tensor log_likelihood_map_bwd_cuda(const at::Tensor& grad, const at::Tensor&
   const c10::cuda::CUDAGuard guard(z.device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const at::Tensor zc = z.contiguous();
-  const at::Tensor g = grad.to(head_acc_dtype(z.scalar_type())).contiguous();
+  const at::Tensor g = grad.to(acc_dtype(z.scalar_type())).contiguous();
   at::Tensor out = new_output(z.sizes(), zc.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "log_likelihood_map_bwd_cuda", [&] {

@@ -10,7 +10,6 @@ from torch import nn
 
 from .. import ops
 from ..nn import AnomalyHead, AnomalyPrediction, FusionFlow, ParallelFlows
-from ..ops._validate import ENV_CHECK_FINITE, check_finite_enabled
 from .config import MSFlowConfig
 from .extractor import FeatureExtractor
 from .positional import PositionalEncoding2d
@@ -127,14 +126,14 @@ class MSFlow(nn.Module):
             check_finite = self.check_finite
         # A data-dependent check (a pass and a sync): opt-in, and skipped while torch.compile /
         # torch.export trace the model.
-        if check_finite_enabled(check_finite) and not torch.compiler.is_compiling():
+        if ops.check_finite_enabled(check_finite) and not torch.compiler.is_compiling():
             bad = ~torch.isfinite(images)
             if bool(bad.any()):
                 images_bad = bad.flatten(1).any(1).nonzero().flatten().tolist()
                 raise ValueError(
                     f"images contain NaN or infinite values ({int(bad.sum())} of {images.numel()}, in batch "
                     f"image(s) {images_bad}); check the data pipeline (decoding, normalisation). "
-                    f"forward() checks this only with model.check_finite=True or {ENV_CHECK_FINITE}=1"
+                    f"forward() checks this only with model.check_finite=True or {ops.ENV_CHECK_FINITE}=1"
                 )
         return images
 

@@ -69,26 +69,40 @@ class SubnetConvLN(nn.Module):
         return self.conv2(_layer_norm_relu(hidden, self.ln, constant))
 
     def _condition_term(self, conditions: list[torch.Tensor], c_x: int, dtype: torch.dtype) -> torch.Tensor:
-        """``conv1`` of the batch-constant conditions (bias included), ``[1, dim_in, H, W]`` in ``dtype``."""
+        """``conv1`` of the batch-constant conditions (bias included), ``[1, dim_in, H, W]`` in ``dtype``.
+
+        Under ``torch.no_grad()`` the result is cached until a condition or conv1's weights change
+        (in place or replaced). Nothing is cached with autograd on, in inference mode (its tensors
+        carry no version counter and cannot join autograd later) or while torch.compile traces.
+        """
         weight, bias = self.conv1.weight, self.conv1.bias
-
-        def compute() -> torch.Tensor:
-            return F.conv2d(torch.cat(conditions, dim=1), weight[:, c_x:], bias, padding=1).to(dtype)
-
-        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *conditions))
-        if needs_grad or torch.compiler.is_compiling():
-            return compute()
-        # The cache holds (detached views of) every tensor it depends on, so their storage cannot
-        # be reused by new tensors; a hit needs the same storage, layout and version of each, and
-        # the same output dtype (autocast on or off).
-        sources = [t.detach() for t in (*conditions, weight, bias)]
-        key = [(t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device) for t in sources] + [c_x, dtype]
-        cached = self._condition_cache
-        if cached is not None and cached[0] == key:
-            return cached[2]
-        constant = compute()
-        self._condition_cache = (key, sources, constant)
+        sources = (*conditions, weight, bias)
+        cacheable = not (
+            torch.is_grad_enabled() or torch.is_inference_mode_enabled() or torch.compiler.is_compiling()
+        ) and not any(t.is_inference() for t in sources)
+        if cacheable:
+            # A hit needs the same storage, layout and version of every source, and the same output
+            # dtype (autocast on or off); the cache keeps the sources alive, so their storage cannot
+            # be reused by new tensors while it holds them.
+            key = tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype) for t in sources) + (c_x, dtype)
+            cached = self._condition_cache
+            if cached is not None and cached[0] == key:
+                return cached[2]
+        constant = F.conv2d(torch.cat(conditions, dim=1), weight[:, c_x:], bias, padding=1).to(dtype)
+        if cacheable:
+            self._condition_cache = (key, [t.detach() for t in sources], constant)
         return constant
+
+    def _apply(self, *args, **kwargs):
+        # .to() / .half() / .cuda() replace the weights: drop the cache (and the old storage it holds).
+        self._condition_cache = None
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        # Pickling and deepcopy leave the cache behind.
+        state = self.__dict__.copy()
+        state["_condition_cache"] = None
+        return state
 
 
 def subnet_conv_ln(dim_in: int, dim_out: int) -> SubnetConvLN:

@@ -7,16 +7,19 @@ from __future__ import annotations
 
 from . import reference
 from ._backend import BACKENDS, available_backends, requested_backend, use_backend
+from ._validate import ENV_CHECK_FINITE, check_finite_enabled
 from .coupling import affine_coupling, coupling_affine_permute, global_affine_permute
 from .head import aggregate_anomaly_maps, gaussian_nll, log_likelihood_map, log_space_score
 from .norm import channel_layer_norm_relu
 
 __all__ = [
     "BACKENDS",
+    "ENV_CHECK_FINITE",
     "affine_coupling",
     "aggregate_anomaly_maps",
     "available_backends",
     "channel_layer_norm_relu",
+    "check_finite_enabled",
     "coupling_affine_permute",
     "gaussian_nll",
     "global_affine_permute",

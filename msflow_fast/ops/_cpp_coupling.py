@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .._build import extension_info
+from .reference import compute_dtype
 
 _info = extension_info()
 if not _info["loaded"]:
@@ -50,13 +51,10 @@ def _like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the ops: float64 for float64 ``x``, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _logdet_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0],), dtype=_acc_dtype(x.dtype))
+    return x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +107,7 @@ def _coupling_affine_permute_bwd_fake(grad_y, grad_logdet, x, a, global_scale, p
 
 def _grads(x: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None):
     """Contiguous output gradients (``grad_logdet`` in the accumulation dtype); ``None`` becomes zeros."""
-    acc = _acc_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     grad_y = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
     grad_logdet = x.new_zeros((x.shape[0],), dtype=acc) if grad_logdet is None else grad_logdet.to(acc).contiguous()
     return grad_y, grad_logdet
@@ -215,7 +213,7 @@ def affine_coupling(
 def _channel_param(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # [1, C, 1, 1] (or any shape with C elements) -> [C] in the accumulation dtype (never rounded to a
     # half x.dtype); autograd maps the gradient back to the parameter's shape and dtype.
-    return param.reshape(x.shape[1]).to(_acc_dtype(x.dtype)).contiguous()
+    return param.reshape(x.shape[1]).to(compute_dtype(x.dtype)).contiguous()
 
 
 def global_affine_permute(

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from .._build import extension_info
+from .reference import compute_dtype
 
 _info = extension_info()
 if not _info["loaded"]:
@@ -23,13 +24,11 @@ if not hasattr(_ops, "gaussian_nll_fwd"):
     raise ImportError("msflow_fast._C was built without the head ops (csrc/head.cpp); rebuild the extension")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @torch.library.register_fake("msflow_fast::gaussian_nll_fwd")
 def _gaussian_nll_fwd_fake(z: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
-    return z.new_empty((z.shape[0],), dtype=_acc_dtype(z.dtype))
+    return z.new_empty((z.shape[0],), dtype=compute_dtype(z.dtype))
 
 
 @torch.library.register_fake("msflow_fast::gaussian_nll_bwd")
@@ -40,7 +39,7 @@ def _gaussian_nll_bwd_fake(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("msflow_fast::log_likelihood_map_fwd")
 def _log_likelihood_map_fwd_fake(z: torch.Tensor) -> torch.Tensor:
     b, _, h, w = z.shape
-    return z.new_empty((b, h, w), dtype=_acc_dtype(z.dtype))
+    return z.new_empty((b, h, w), dtype=compute_dtype(z.dtype))
 
 
 @torch.library.register_fake("msflow_fast::log_likelihood_map_bwd")

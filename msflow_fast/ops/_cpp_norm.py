@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._build import extension_info
+from .reference import compute_dtype
 
 _info = extension_info()
 if not _info["loaded"]:
@@ -20,20 +21,18 @@ if not hasattr(_ops, "channel_layer_norm_relu_fwd"):
     raise ImportError("msflow_fast._C was built without the subnet norm op (csrc/norm.cpp); rebuild the extension")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 @torch.library.register_fake("msflow_fast::channel_layer_norm_relu_fwd")
 def _fwd_fake(x, weight, bias, addend, eps):
     b, _, h, w = x.shape
-    stats = x.new_empty((b, h * w), dtype=_acc_dtype(x.dtype))
+    stats = x.new_empty((b, h * w), dtype=compute_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("msflow_fast::channel_layer_norm_relu_bwd")
 def _bwd_fake(grad, x, weight, bias, addend, mean, rstd):
-    channels = x.new_empty((x.shape[1],), dtype=_acc_dtype(x.dtype))
+    channels = x.new_empty((x.shape[1],), dtype=compute_dtype(x.dtype))
     return torch.empty_like(x, memory_format=torch.contiguous_format), channels, torch.empty_like(channels)
 
 
@@ -68,9 +67,7 @@ def channel_layer_norm_relu(
     """``relu(LayerNorm_C(x + addend))``; see :func:`msflow_fast.ops.reference.channel_layer_norm_relu`."""
     if not (x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous()  # the CPU forward also reads channels-last x directly
-    if addend is not None:
-        # An expanded (batch stride 0) addend is read once per pixel, not materialised per sample.
-        addend = (addend[:1] if addend.shape[0] > 1 and addend.stride(0) == 0 else addend).contiguous()
+    addend = addend.contiguous() if addend is not None else None
     return _ops.channel_layer_norm_relu_fwd(x, weight, bias, addend, float(eps))[0]
 
 

@@ -21,7 +21,6 @@ class ChannelLayerNormReLUFunction(torch.autograd.Function):
         wc, bc = weight.detach().contiguous(), bias.detach().contiguous()
         out, mean, rstd = kernels.channel_layer_norm_relu_fwd(xc, wc, bc, ac, eps)
         ctx.save_for_backward(xc, wc, bc, ac, mean, rstd)
-        ctx.addend_batch = None if addend is None else addend.shape[0]
         return out
 
     @staticmethod
@@ -30,7 +29,7 @@ class ChannelLayerNormReLUFunction(torch.autograd.Function):
         grad_x, grad_weight, grad_bias = kernels.channel_layer_norm_relu_bwd(grad.contiguous(), xc, wc, bc, ac, mean, rstd)
         grad_addend = None
         if ac is not None and ctx.needs_input_grad[3]:
-            grad_addend = grad_x.sum(0, keepdim=True) if ctx.addend_batch == 1 and xc.shape[0] != 1 else grad_x
+            grad_addend = grad_x.sum(0, keepdim=True) if ac.shape[0] == 1 and xc.shape[0] != 1 else grad_x
         return grad_x, grad_weight.to(wc.dtype), grad_bias.to(bc.dtype), grad_addend, None
 
 
@@ -42,8 +41,6 @@ def channel_layer_norm_relu(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``relu(LayerNorm_C(x + addend))``; see :func:`msflow_fast.ops.reference.channel_layer_norm_relu`."""
-    if addend is not None and addend.shape[0] > 1 and addend.stride(0) == 0:
-        addend = addend[:1]  # an expanded addend is read once per pixel, not materialised per sample
     return ChannelLayerNormReLUFunction.apply(x, weight, bias, addend, float(eps))
 
 

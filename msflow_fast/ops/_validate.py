@@ -73,6 +73,17 @@ def channel_vector(value: object, name: str, channels: int, like: torch.Tensor) 
     return value
 
 
+def parameter_dtype(value: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Check a per-channel parameter has x's dtype, or float32 for float16/bfloat16 ``x`` (used as given)."""
+    if value.dtype == x.dtype:
+        return value
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    if half and value.dtype == torch.float32:
+        return value
+    allowed = f"{x.dtype} or torch.float32" if half else f"{x.dtype}"
+    raise TypeError(f"{name} has dtype {value.dtype} but x has {x.dtype}; pass {name} in {allowed}")
+
+
 def permutation(value: object, channels: int, like: torch.Tensor) -> torch.Tensor:
     """Check ``perm`` is an int64 ``[C]`` tensor on ``like``'s device (values are trusted)."""
     if not isinstance(value, torch.Tensor):

@@ -34,25 +34,14 @@ def _check_block_input(x: torch.Tensor, a: torch.Tensor, active: int, clamp: flo
     v.clamp_form(clamp_form)
 
 
-def _check_parameter_dtype(value: torch.Tensor, name: str, x: torch.Tensor) -> None:
-    """``value`` has x's dtype, or float32 for float16/bfloat16 ``x`` (used in float32 as given)."""
-    if value.dtype == x.dtype:
-        return
-    half = x.dtype in (torch.float16, torch.bfloat16)
-    if half and value.dtype == torch.float32:
-        return
-    allowed = f"{x.dtype} or torch.float32" if half else f"{x.dtype}"
-    raise TypeError(f"{name} has dtype {value.dtype} but x has {x.dtype}; pass {name} in {allowed}")
-
-
 def _check_global_affine(
     x: torch.Tensor, global_scale: torch.Tensor, global_offset: torch.Tensor, perm: torch.Tensor, affine_type: str
 ) -> None:
     channels = x.shape[1]
     v.channel_vector(global_scale, "global_scale", channels, x)
     v.channel_vector(global_offset, "global_offset", channels, x)
-    _check_parameter_dtype(global_scale, "global_scale", x)
-    _check_parameter_dtype(global_offset, "global_offset", x)
+    v.parameter_dtype(global_scale, "global_scale", x)
+    v.parameter_dtype(global_offset, "global_offset", x)
     v.permutation(perm, channels, x)
     v.affine_type(affine_type)
 
