@@ -10,10 +10,9 @@
 #   f=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$f")"; echo /.whl/ >> "$f"
 #   python3 -m pip wheel --no-deps -w .whl FrEIA==0.2       # -> .whl/freia-0.2-py3-none-any.whl
 # (`pip download --only-binary=:all: FrEIA==0.2` finds nothing: there is no wheel on PyPI.)
-# Then call the device tool with:  command "bash benchmarks/gpu_suite.sh", carry [".whl"], timeout_s 600.
-# It copies the repo (tracked and untracked-not-ignored files, plus the carried .whl), runs the
-# command from the repo root, and returns what is written under $OUT: at most 8 files, 16 MiB
-# each, no deeper than 2 folders. This script writes exactly 8 files, flat, into $OUT:
+# Copy the repo and .whl/ to the GPU machine and run `bash benchmarks/gpu_suite.sh` from the repo
+# root with a 10-minute limit. Remote runners often return only a few small files, so the script
+# writes exactly 8 files, flat, into its output folder ($OUT when set):
 #   summary.md                 device, versions, date, test counts, each stage's result and time
 #   gpu_suite.log              every stage's output (build, tests, benchmarks) in order
 #   <suite>-cuda-<date>.csv/.md   for suite in kernels, block, e2e (the tables, as benchmarks/run.py writes them)
