@@ -40,18 +40,22 @@ def _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD
 
 
 @triton.jit
+def _pixel_tile(C, N, tiles, add_batch_stride, BLOCK_N: tl.constexpr):
+    # This program's pixels: image b, pixels offs_n of it; offsets of image b in x, addend and the stats
+    b = tl.program_id(0) // tiles
+    offs_n = (tl.program_id(0) % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b64 = b.to(tl.int64)
+    return offs_n, offs_n < N, b64 * C * N, b64 * add_batch_stride, b64 * N + offs_n
+
+
+@triton.jit
 def _channel_layer_norm_relu_fwd_kernel(
     x_ptr, add_ptr, w_ptr, b_ptr, out_ptr, mean_ptr, rstd_ptr,
     C, N, tiles, add_batch_stride, eps,
     HAS_ADD: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // tiles
-    offs_n = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, base, add_base, stat = _pixel_tile(C, N, tiles, add_batch_stride, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
-    base = b.to(tl.int64) * C * N
-    add_base = b.to(tl.int64) * add_batch_stride
     acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
     for c0 in range(0, C, BLOCK_C):
         v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, c0 + offs_c, offs_n, C, N, mask_n, HAS_ADD, ACC)
@@ -63,7 +67,6 @@ def _channel_layer_norm_relu_fwd_kernel(
         d = tl.where(mask, v - mean[None, :], 0.0)
         acc += d * d
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / C + eps)
-    stat = b.to(tl.int64) * N + offs_n
     tl.store(mean_ptr + stat, mean, mask=mask_n)
     tl.store(rstd_ptr + stat, rstd, mask=mask_n)
     for c0 in range(0, C, BLOCK_C):
@@ -84,19 +87,13 @@ def _channel_layer_norm_relu_bwd_kernel(
 ):
     # g = grad * (y > 0), xhat = (v - mean) * rstd, gx = g * w:
     # dx = rstd * (gx - mean_C(gx) - xhat * mean_C(gx * xhat)); partial dw = sum_n g * xhat, db = sum_n g
-    pid = tl.program_id(0)
-    b = pid // tiles
-    offs_n = (pid % tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    offs_n, mask_n, base, add_base, stat = _pixel_tile(C, N, tiles, add_batch_stride, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
-    base = b.to(tl.int64) * C * N
-    add_base = b.to(tl.int64) * add_batch_stride
-    stat = b.to(tl.int64) * N + offs_n
     mean = tl.load(mean_ptr + stat, mask=mask_n, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + stat, mask=mask_n, other=0.0).to(ACC)
     s1 = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
     s2 = tl.zeros([BLOCK_C, BLOCK_N], dtype=ACC)
-    partial = pid.to(tl.int64) * C
+    partial = tl.program_id(0).to(tl.int64) * C
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
         v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
