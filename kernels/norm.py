@@ -80,6 +80,21 @@ def _channel_layer_norm_relu_fwd_kernel(
 
 
 @triton.jit
+def _gated_grad(
+    grad_ptr, x_ptr, add_ptr, w_ptr, b_ptr, base, add_base, cc, offs_n, C, N, mask_n, mean, rstd,
+    HAS_ADD: tl.constexpr, ACC: tl.constexpr,
+):
+    # For the channels cc of the tile: xhat = (v - mean) * rstd, g = grad * (y > 0) (0 outside), weight
+    v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
+    dy = tl.load(grad_ptr + base + off, mask=mask, other=0.0).to(ACC)
+    w = tl.load(w_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+    bias = tl.load(b_ptr + cc, mask=cc < C, other=0.0).to(ACC)
+    xhat = (v - mean[None, :]) * rstd[None, :]
+    g = tl.where(mask & (xhat * w[:, None] + bias[:, None] > 0.0), dy, 0.0)
+    return xhat, g, w, mask, off
+
+
+@triton.jit
 def _channel_layer_norm_relu_bwd_kernel(
     grad_ptr, x_ptr, add_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
     C, N, tiles, add_batch_stride,
@@ -96,12 +111,9 @@ def _channel_layer_norm_relu_bwd_kernel(
     partial = tl.program_id(0).to(tl.int64) * C
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + offs_c
-        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
-        dy = tl.load(grad_ptr + base + off, mask=mask, other=0.0).to(ACC)
-        w = tl.load(w_ptr + cc, mask=cc < C, other=0.0).to(ACC)
-        bias = tl.load(b_ptr + cc, mask=cc < C, other=0.0).to(ACC)
-        xhat = (v - mean[None, :]) * rstd[None, :]
-        g = tl.where(mask & (xhat * w[:, None] + bias[:, None] > 0.0), dy, 0.0)
+        xhat, g, w, mask, off = _gated_grad(
+            grad_ptr, x_ptr, add_ptr, w_ptr, b_ptr, base, add_base, cc, offs_n, C, N, mask_n, mean, rstd, HAS_ADD, ACC
+        )
         gx = g * w[:, None]
         s1 += gx
         s2 += gx * xhat
@@ -110,13 +122,11 @@ def _channel_layer_norm_relu_bwd_kernel(
     m1 = tl.sum(s1, axis=0) / C
     m2 = tl.sum(s2, axis=0) / C
     for c0 in range(0, C, BLOCK_C):
-        cc = c0 + offs_c
-        v, mask, off = _load_rows(x_ptr, add_ptr, base, add_base, cc, offs_n, C, N, mask_n, HAS_ADD, ACC)
-        dy = tl.load(grad_ptr + base + off, mask=mask, other=0.0).to(ACC)
-        w = tl.load(w_ptr + cc, mask=cc < C, other=0.0).to(ACC)
-        bias = tl.load(b_ptr + cc, mask=cc < C, other=0.0).to(ACC)
-        xhat = (v - mean[None, :]) * rstd[None, :]
-        gx = tl.where(xhat * w[:, None] + bias[:, None] > 0.0, dy * w[:, None], 0.0)
+        xhat, g, w, mask, off = _gated_grad(
+            grad_ptr, x_ptr, add_ptr, w_ptr, b_ptr, base, add_base, c0 + offs_c, offs_n, C, N, mask_n, mean, rstd,
+            HAS_ADD, ACC,
+        )
+        gx = g * w[:, None]
         dx = rstd[None, :] * (gx - m1[None, :] - xhat * m2[None, :])
         tl.store(dx_ptr + base + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
