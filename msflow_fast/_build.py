@@ -23,6 +23,23 @@ def extension_info() -> dict[str, Any]:
     return {"loaded": True, "cuda": cuda, "error": None}
 
 
+def extension_ops(required_op: str, what: str):
+    """``torch.ops.msflow_fast`` for a C++ backend module, or ``ImportError`` (which the backend
+    registry records) when the extension is missing or was built without ``required_op``.
+
+    Args:
+        required_op: an op the caller needs, e.g. ``"affine_coupling_fwd"``.
+        what: what it belongs to, for the message, e.g. ``"the coupling ops (csrc/coupling.cpp)"``.
+    """
+    info = extension_info()
+    if not info["loaded"]:
+        raise ImportError(f"msflow_fast._C is not available: {info['error']}")
+    ops = torch.ops.msflow_fast
+    if not hasattr(ops, required_op):
+        raise ImportError(f"msflow_fast._C was built without {what}; rebuild the extension")
+    return ops
+
+
 def build_info() -> dict[str, Any]:
     """What this installation can run.
 

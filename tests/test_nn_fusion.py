@@ -181,6 +181,36 @@ def test_gradients_flow_to_both_subnets():
     torch.autograd.gradcheck(lambda a, b: layer([a, b])[1], [x.detach().requires_grad_(True) for x in xs])
 
 
+def test_inference_caches_the_stacked_st_weights_until_a_weight_changes():
+    # Under no_grad the concatenated [conv_s, conv_t] weights are reused; an in-place change or a
+    # replaced weight recomputes them, and with autograd on nothing is cached.
+    torch.manual_seed(3)
+    net = FusionSTNets([4, 6])
+    xs = _inputs((4, 6), GRIDS[1:], batch=2)
+
+    def expected():
+        mixed = net.cross_convs(xs)
+        return [torch.cat([cs(r), ct(r)], dim=1) for r, cs, ct in zip(mixed, net.conv_s, net.conv_t)]
+
+    def check():
+        with torch.no_grad():
+            for got, want in zip(net(xs), expected()):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    check()
+    assert len(net._inference_cache) == 2
+    with torch.no_grad():
+        net.conv_t[1].weight.mul_(-2.0)
+    check()
+    net.conv_s[0].bias.data = net.conv_s[0].bias.data + 1.0
+    check()
+    out = net(xs)
+    (out[0].sum() + out[1].sum()).backward()
+    assert net.conv_s[0].weight.grad is not None and net.conv_t[1].bias.grad.abs().sum() > 0
+    net.float()
+    assert len(net._inference_cache) == 0
+
+
 def test_parallel_flows_and_head_shapes():
     flows = ParallelFlows((4, 6), (1, 2), cond_channels=4, clamp=1.9)
     assert len(flows.flows[1]) == 2 and isinstance(flows.flows[0][0].subnet, SubnetConvLN)

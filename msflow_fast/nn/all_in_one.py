@@ -240,7 +240,7 @@ class AllInOneBlock(nn.Module):
 
     def _forward_fused(self, x: torch.Tensor, conds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reverse_pre_permute:
-            x = x[:, self.perm_index_inv]
+            x = torch.index_select(x, 1, self.perm_index_inv)
         a = self._subnet(x[:, : self.splits[0]], conds, x.dtype)
         y, logdet = ops.coupling_affine_permute(
             _to_4d(x),
@@ -271,7 +271,7 @@ class AllInOneBlock(nn.Module):
         )
         x = torch.cat([x1, x2.reshape(x1.shape[0], self.splits[1], *x1.shape[2:])], dim=1)
         if self.reverse_pre_permute:
-            x = x[:, self.perm_index]
+            x = torch.index_select(x, 1, self.perm_index)
         return x, logdet_global + logdet_coupling
 
     # ------------------------------------------------------------------ plain-PyTorch path
@@ -288,7 +288,7 @@ class AllInOneBlock(nn.Module):
 
     def _mix(self, x: torch.Tensor, w: torch.Tensor | None, transpose: bool) -> torch.Tensor:
         if w is None:
-            return x[:, self.perm_index_inv if transpose else self.perm_index]
+            return torch.index_select(x, 1, self.perm_index_inv if transpose else self.perm_index)
         w = w.to(x.dtype)
         return torch.einsum("ij,bj...->bi...", w.t() if transpose else w, x)
 

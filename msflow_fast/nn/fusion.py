@@ -50,7 +50,7 @@ class ChannelPermutation(nn.Module):
         self.register_buffer("perm_inv", ops.reference.invert_permutation(perm))
 
     def forward(self, x: torch.Tensor, rev: bool = False) -> torch.Tensor:
-        return x[:, self.perm_inv if rev else self.perm]
+        return torch.index_select(x, 1, self.perm_inv if rev else self.perm)
 
 
 class FusionCouplingLayer(nn.Module):
@@ -135,9 +135,7 @@ class FusionCouplingLayer(nn.Module):
         else:
             out_b, logdet_b = self._couple(part_b, self.subnet_1(part_a), reverse=True)
             out_a, logdet_a = self._couple(part_a, self.subnet_2(out_b), reverse=True)
-        outs = tuple(
-            torch.clamp(torch.cat([a, b], dim=1), -_OUTPUT_BOUND, _OUTPUT_BOUND) for a, b in zip(out_a, out_b)
-        )
+        outs = tuple(torch.cat([a, b], dim=1).clamp_(-_OUTPUT_BOUND, _OUTPUT_BOUND) for a, b in zip(out_a, out_b))
         return outs, logdet_a + logdet_b
 
 

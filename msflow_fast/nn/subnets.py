@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ._inference_cache import InferenceCachedModule
 
 
 def _layer_norm_relu(x: torch.Tensor, norm: nn.LayerNorm, addend: torch.Tensor | None = None) -> torch.Tensor:
@@ -21,7 +22,7 @@ def _layer_norm_relu(x: torch.Tensor, norm: nn.LayerNorm, addend: torch.Tensor |
     return ops.channel_layer_norm_relu(x, norm.weight, norm.bias, addend, eps=norm.eps)
 
 
-class SubnetConvLN(nn.Module):
+class SubnetConvLN(InferenceCachedModule):
     """``Conv3x3(c_in -> c_in) -> LayerNorm(channels) -> ReLU -> Conv3x3(c_in -> c_out)`` (MSFlow's ``subnet_conv_ln``).
 
     Hidden width equals the input width; default PyTorch initialisation (the last conv is not
@@ -39,11 +40,16 @@ class SubnetConvLN(nn.Module):
         self.conv1 = nn.Conv2d(dim_in, dim_in, 3, 1, 1)
         self.ln = nn.LayerNorm(dim_in)
         self.conv2 = nn.Conv2d(dim_in, dim_out, 3, 1, 1)
-        self._condition_cache: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, dim_in, H, W] -> [B, dim_out, H, W]``."""
-        return self.conv2(_layer_norm_relu(self.conv1(x), self.ln))
+        """``[B, dim_in, H, W] -> [B, dim_out, H, W]``.
+
+        At CPU inference (``torch.no_grad()``) wide convolutions run by Winograd (see
+        :func:`msflow_fast.ops.conv3x3`) without calling ``conv1``/``conv2``, whose forward hooks
+        then do not fire; ``MSFLOW_FAST_WINOGRAD=0`` keeps the module calls.
+        """
+        hidden = self._conv_module("conv1", x, self.conv1)
+        return self._conv_module("conv2", _layer_norm_relu(hidden, self.ln), self.conv2)
 
     def forward_split(self, x: torch.Tensor, conditions: Sequence[torch.Tensor]) -> torch.Tensor:
         """``forward(concat([x, *conditions]))`` without the concatenation.
@@ -53,8 +59,9 @@ class SubnetConvLN(nn.Module):
         the positional encoding that MSFlow passes as an expanded view) go through their part
         of ``conv1`` once, on one sample, and are added inside the fused LayerNorm: exact up to
         rounding, and it saves that share of ``conv1`` (a third of it at MSFlow's first scale).
-        Without autograd (inference) that share is also cached until the condition or the
-        weights change.
+        Under ``torch.no_grad()`` that share and the contiguous ``x`` slice of conv1's weight are
+        cached until the condition or the weights change (in place or replaced); nothing is cached
+        with autograd on, in inference mode or while torch.compile traces.
 
         Args:
             x: passive half ``[B, C_x, H, W]``.
@@ -64,45 +71,18 @@ class SubnetConvLN(nn.Module):
         if not shared or x.shape[0] == 1:
             return self.forward(torch.cat([x, *conditions], dim=1) if conditions else x)
         c_x = x.shape[1]
-        hidden = F.conv2d(x, self.conv1.weight[:, :c_x], None, padding=1)
-        constant = self._condition_term([c[:1] for c in conditions], c_x, hidden.dtype)
-        return self.conv2(_layer_norm_relu(hidden, self.ln, constant))
-
-    def _condition_term(self, conditions: list[torch.Tensor], c_x: int, dtype: torch.dtype) -> torch.Tensor:
-        """``conv1`` of the batch-constant conditions (bias included), ``[1, dim_in, H, W]`` in ``dtype``.
-
-        Under ``torch.no_grad()`` the result is cached until a condition or conv1's weights change
-        (in place or replaced). Nothing is cached with autograd on, in inference mode (its tensors
-        carry no version counter and cannot join autograd later) or while torch.compile traces.
-        """
         weight, bias = self.conv1.weight, self.conv1.bias
-        sources = (*conditions, weight, bias)
-        cacheable = not (
-            torch.is_grad_enabled() or torch.is_inference_mode_enabled() or torch.compiler.is_compiling()
-        ) and not any(t.is_inference() for t in sources)
-        if cacheable:
-            # A hit needs the same storage, layout and version of every source, and the same output
-            # dtype (autocast on or off); the cache keeps the sources alive, so their storage cannot
-            # be reused by new tensors while it holds them.
-            key = tuple((t.data_ptr(), t._version, t.shape, t.stride(), t.dtype) for t in sources) + (c_x, dtype)
-            cached = self._condition_cache
-            if cached is not None and cached[0] == key:
-                return cached[2]
-        constant = F.conv2d(torch.cat(conditions, dim=1), weight[:, c_x:], bias, padding=1).to(dtype)
-        if cacheable:
-            self._condition_cache = (key, [t.detach() for t in sources], constant)
-        return constant
+        x_weight = self._inference_cache.get("x_weight", (weight,), lambda: weight[:, :c_x].contiguous(), c_x)
+        hidden = self._conv3x3("conv1_x", x, x_weight, None)
+        conditions = [c[:1] for c in conditions]
 
-    def _apply(self, *args, **kwargs):
-        # .to() / .half() / .cuda() replace the weights: drop the cache (and the old storage it holds).
-        self._condition_cache = None
-        return super()._apply(*args, **kwargs)
+        def condition_term() -> torch.Tensor:
+            # conv1 of the batch-constant conditions (bias included), [1, dim_in, H, W].
+            return F.conv2d(torch.cat(conditions, dim=1), weight[:, c_x:], bias, padding=1).to(hidden.dtype)
 
-    def __getstate__(self) -> dict:
-        # Pickling and deepcopy leave the cache behind.
-        state = self.__dict__.copy()
-        state["_condition_cache"] = None
-        return state
+        # The output dtype is part of the key: autocast on or off.
+        constant = self._inference_cache.get("condition", (*conditions, weight, bias), condition_term, (c_x, hidden.dtype))
+        return self._conv_module("conv2", _layer_norm_relu(hidden, self.ln, constant), self.conv2)
 
 
 def subnet_conv_ln(dim_in: int, dim_out: int) -> SubnetConvLN:
@@ -110,7 +90,7 @@ def subnet_conv_ln(dim_in: int, dim_out: int) -> SubnetConvLN:
     return SubnetConvLN(dim_in, dim_out)
 
 
-class FusionCrossConvs(nn.Module):
+class FusionCrossConvs(InferenceCachedModule):
     """Cross-scale mixing of the fusion subnet (the official ``FusionNet`` with ``add=True``).
 
     Every input ``u_k [B, m_k, h_k, w_k]`` is average-pooled to the grid of the LAST (coarsest)
@@ -136,8 +116,8 @@ class FusionCrossConvs(nn.Module):
     def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         size = xs[-1].shape[-2:]
         pooled = [x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size) for x in xs]
-        mixed = self.conv1(torch.cat(pooled, dim=1))
-        mixed = F.relu(self.conv2(_layer_norm_relu(mixed, self.norm)))
+        mixed = self._conv_module("conv1", torch.cat(pooled, dim=1), self.conv1)
+        mixed = F.relu(self._conv_module("conv2", _layer_norm_relu(mixed, self.norm), self.conv2))
         out = []
         for x, part in zip(xs, torch.split(mixed, self.split_channels, dim=1)):
             if part.shape[-2:] != x.shape[-2:]:
@@ -146,12 +126,13 @@ class FusionCrossConvs(nn.Module):
         return out
 
 
-class FusionSTNets(nn.Module):
+class FusionSTNets(InferenceCachedModule):
     """Scale/shift subnet of :class:`~msflow_fast.nn.FusionCouplingLayer` (the official ``FusionSTNets``).
 
     Cross-scale mixing (:class:`FusionCrossConvs`), then per scale one 3x3 conv for the log-scale
     and one for the shift. The two are evaluated as a single conv with concatenated weights, so
-    each output is ``[s_k, t_k]`` channel-concatenated, ready for the ``atan`` coupling op.
+    each output is ``[s_k, t_k]`` channel-concatenated, ready for the ``atan`` coupling op (under
+    ``torch.no_grad()`` the concatenated weights are cached while the convs' weights are unchanged).
 
     Args:
         in_channels_list: input channels ``m_k`` per scale.
@@ -173,11 +154,17 @@ class FusionSTNets(nn.Module):
         """Per scale ``[B, m_k, h_k, w_k] -> [B, 2 * out_k, h_k, w_k]`` (``[s_k, t_k]``)."""
         mixed = self.cross_convs(xs)
         out = []
-        for r, conv_s, conv_t in zip(mixed, self.conv_s, self.conv_t):
-            weight = torch.cat([conv_s.weight, conv_t.weight], dim=0)
-            bias = torch.cat([conv_s.bias, conv_t.bias], dim=0)
-            out.append(F.conv2d(r, weight, bias, padding=1))
+        for k, (r, conv_s, conv_t) in enumerate(zip(mixed, self.conv_s, self.conv_t)):
+            weight, bias = self._inference_cache.get(
+                f"st_{k}", (conv_s.weight, conv_t.weight, conv_s.bias, conv_t.bias), lambda s=conv_s, t=conv_t: _stacked(s, t)
+            )
+            out.append(self._conv3x3(f"st_{k}_conv", r, weight, bias))
         return out
+
+
+def _stacked(conv_s: nn.Conv2d, conv_t: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one conv computing ``[conv_s(x), conv_t(x)]``."""
+    return torch.cat([conv_s.weight, conv_t.weight], dim=0), torch.cat([conv_s.bias, conv_t.bias], dim=0)
 
 
 __all__ = ["FusionCrossConvs", "FusionSTNets", "SubnetConvLN", "subnet_conv_ln"]

@@ -31,7 +31,7 @@ ENV_BACKEND = "MSFLOW_FAST_BACKEND"
 
 _IMPLEMENTATION_MODULES: dict[str, tuple[str, ...]] = {
     "triton": ("msflow_fast.ops._triton_coupling", "msflow_fast.ops._triton_head", "msflow_fast.ops._triton_norm"),
-    "cpp": ("msflow_fast.ops._cpp_coupling", "msflow_fast.ops._cpp_head", "msflow_fast.ops._cpp_norm"),
+    "cpp": ("msflow_fast.ops._cpp_coupling", "msflow_fast.ops._cpp_head", "msflow_fast.ops._cpp_norm", "msflow_fast.ops._cpp_conv"),
 }
 
 _context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar("msflow_fast_backend", default=None)

@@ -35,22 +35,14 @@ from __future__ import annotations
 
 import torch
 
-from .._build import extension_info
+from .._build import extension_ops
 from .reference import compute_dtype
 
-_info = extension_info()
-if not _info["loaded"]:
-    raise ImportError(f"msflow_fast._C is not available: {_info['error']}")
-
-_ops = torch.ops.msflow_fast
-if not hasattr(_ops, "affine_coupling_fwd"):
-    raise ImportError("msflow_fast._C was built without the coupling ops (csrc/coupling.cpp); rebuild the extension")
+_ops = extension_ops("affine_coupling_fwd", "the coupling ops (csrc/coupling.cpp)")
 
 
 def _like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
-
-
 
 
 def _logdet_like(x: torch.Tensor) -> torch.Tensor:

@@ -12,18 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .._build import extension_info
+from .._build import extension_ops
 from .reference import compute_dtype
 
-_info = extension_info()
-if not _info["loaded"]:
-    raise ImportError(f"msflow_fast._C is not available: {_info['error']}")
-
-_ops = torch.ops.msflow_fast
-if not hasattr(_ops, "gaussian_nll_fwd"):
-    raise ImportError("msflow_fast._C was built without the head ops (csrc/head.cpp); rebuild the extension")
-
-
+_ops = extension_ops("gaussian_nll_fwd", "the head ops (csrc/head.cpp)")
 
 
 @torch.library.register_fake("msflow_fast::gaussian_nll_fwd")

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from .._build import extension_info
+from .._build import extension_ops
 from .reference import compute_dtype
 
-_info = extension_info()
-if not _info["loaded"]:
-    raise ImportError(f"msflow_fast._C is not available: {_info['error']}")
-
-_ops = torch.ops.msflow_fast
-if not hasattr(_ops, "channel_layer_norm_relu_fwd"):
-    raise ImportError("msflow_fast._C was built without the subnet norm op (csrc/norm.cpp); rebuild the extension")
-
-
+_ops = extension_ops("channel_layer_norm_relu_fwd", "the subnet norm op (csrc/norm.cpp)")
 
 
 @torch.library.register_fake("msflow_fast::channel_layer_norm_relu_fwd")

@@ -348,15 +348,61 @@ def channel_layer_norm_relu(
     return F.relu(normed.permute(0, 3, 1, 2)).to(x.dtype)
 
 
+def conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_winograd: torch.Tensor | None = None
+) -> torch.Tensor:
+    """3x3 convolution, stride 1, zero padding 1: ``F.conv2d(x, weight, bias, padding=1)``.
+
+    The subnets' convolutions. ``weight_winograd`` (:func:`winograd_weight` of ``weight``) lets a
+    backend compute it by Winograd F(4x4, 3x3); the maths is the same, this function ignores it.
+
+    Args:
+        x: ``[B, C_in, H, W]``.
+        weight: ``[C_out, C_in, 3, 3]``.
+        bias: optional ``[C_out]``.
+
+    Returns:
+        ``[B, C_out, H, W]``.
+    """
+    return F.conv2d(x, weight, bias, padding=1)
+
+
+WINOGRAD_G = (
+    (1 / 4, 0.0, 0.0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0.0, 0.0, 1.0),
+)
+"""Kernel transform ``G`` (6x3) of Winograd F(4x4, 3x3), interpolation points 0, +-1, +-2, inf."""
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """Kernel transform of Winograd F(4x4, 3x3): ``[C_out, C_in, 3, 3] -> [36, C_out, C_in]``.
+
+    Entry ``[6 i + j, o, c]`` is ``(G w[o, c] G^T)[i, j]`` with :data:`WINOGRAD_G`; computed in
+    float64 and rounded once to ``weight.dtype``. The input and output transforms
+    (``B^T d B`` on 6x6 input tiles, ``A^T m A`` to 4x4 output tiles) are in csrc/conv.cpp.
+    """
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must have shape [C_out, C_in, 3, 3], got {tuple(weight.shape)}")
+    g = torch.tensor(WINOGRAD_G, dtype=torch.float64, device=weight.device)
+    u = g @ weight.detach().to(torch.float64) @ g.t()  # [C_out, C_in, 6, 6]
+    return u.permute(2, 3, 0, 1).reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+
+
 __all__ = [
     "AFFINE_TYPES",
     "ATAN_FACTOR",
     "CLAMP_FORMS",
     "PRE_FACTOR",
+    "WINOGRAD_G",
     "affine_coupling",
     "aggregate_anomaly_maps",
     "channel_layer_norm_relu",
     "compute_dtype",
+    "conv3x3",
     "coupling_affine_permute",
     "coupling_shift",
     "gaussian_nll",
@@ -370,4 +416,5 @@ __all__ = [
     "top_k_count",
     "top_k_mean",
     "upsample_bilinear",
+    "winograd_weight",
 ]
