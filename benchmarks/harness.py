@@ -115,7 +115,15 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, min_run_time: flo
         return float(median), float(p20), float(p80)
     import torch.utils.benchmark as tbench
 
-    fn()  # warm-up (and compilation for torch.compile)
+    # Warm-up (and compilation for torch.compile) for as long as the measurement: one call is not
+    # enough on CPU, where the C allocator takes a few seconds of a new allocation pattern to stop
+    # handing back freshly mapped (page-faulting) memory; an end-to-end step measured right after
+    # another workload read up to 1.5x slow without this.
+    start = time.perf_counter()
+    calls = 0
+    while calls < 3 or time.perf_counter() - start < min_run_time:
+        fn()
+        calls += 1
     measurement = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time
     )

@@ -32,6 +32,7 @@ class Case:
     make: Callable[[torch.device, torch.dtype], tuple[list[torch.Tensor], dict]]
     run: Callable[..., tuple]  # run(fn_kind, *tensors, **kwargs) -> outputs
     modes: tuple[str, ...] = ("fwd", "fwd+bwd", "inverse")
+    memory_bound: bool = True  # GB/s (and the roofline fraction) are reported for memory-bound ops only
 
 
 def _coupling_case(batch: int, channels: int, grid: int) -> Case:
@@ -104,6 +105,26 @@ def _subnet_norm_case(batch: int, channels: int, grid: int, cond_channels: int =
     )
 
 
+def _subnet_conv_case(batch: int, channels: int, grid: int, cond_channels: int = 64) -> Case:
+    # The coupling subnet's second 3x3 conv (hidden width C/2 + c_cond -> C), at inference: the
+    # ``cpp`` line is Winograd F(4x4, 3x3) on CPU (F.conv2d on CUDA); its weight transform is made
+    # once, outside the timing, as the modules cache it.
+    hidden = channels // 2 + cond_channels
+
+    def make(device, dtype):
+        x = torch.randn(batch, hidden, grid, grid, device=device, dtype=dtype)
+        weight = torch.randn(channels, hidden, 3, 3, device=device, dtype=dtype) / (9 * hidden) ** 0.5
+        bias = 0.1 * torch.randn(channels, device=device, dtype=dtype)
+        return [x, weight, bias], {"weight_winograd": ops.conv3x3_winograd_weight(weight)}
+
+    def run(kind, backend, x, weight, bias, weight_winograd):
+        if kind in ("reference", "compile"):
+            return _impl("conv3x3", kind, backend)(x, weight, bias)
+        return ops.conv3x3(x, weight, bias, weight_winograd=weight_winograd, backend=backend)
+
+    return Case("conv3x3", f"B{batch} C{hidden}->{channels} {grid}x{grid}", make, run, modes=("fwd",), memory_bound=False)
+
+
 def _aggregate_case(batch: int, size: int) -> Case:
     def make(device, dtype):
         maps = [-5 * torch.rand(batch, g // (512 // size), g // (512 // size), device=device, dtype=dtype) for _, g in MSFLOW_SCALES]
@@ -154,6 +175,7 @@ def cases(
             _global_affine_case(batch, channels, grid),
             _block_tail_case(batch, channels, grid),
             _subnet_norm_case(batch, channels, grid),
+            _subnet_conv_case(batch, channels, grid),
             _nll_case(batch, channels, grid),
         ]
     out.append(_aggregate_case(head_batch, head_size))
@@ -238,7 +260,7 @@ def run_case(
                     median_ms=median,
                     p20_ms=p20,
                     p80_ms=p80,
-                    gb_per_s=moved / (median * 1e-3) / 1e9,
+                    gb_per_s=moved / (median * 1e-3) / 1e9 if case.memory_bound else None,
                 )
             )
     return results
