@@ -145,6 +145,10 @@ def test_bad_arguments_name_the_problem():
         ops.conv3x3(x, weight, b, weight_winograd=u[:, :2])
     with pytest.raises(TypeError, match="weight_winograd has dtype"):
         ops.conv3x3(x, weight, b, weight_winograd=u.double())
+    with pytest.raises(TypeError, match="weight has dtype torch.float64 but x has torch.float32"):
+        ops.conv3x3(x, weight.double(), b)
+    with pytest.raises(TypeError, match="bias has dtype"):
+        ops.conv3x3(x, weight, b.double())
     with pytest.raises(ValueError, match="x must be 4-D"):
         ops.conv3x3(x[0], weight, b)
     with pytest.raises(ValueError, match=r"weight must have shape \[C_out, C_in, 3, 3\]"):

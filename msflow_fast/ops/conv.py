@@ -30,9 +30,9 @@ def winograd_enabled(x: torch.Tensor, *, backend: str | None = None) -> bool:
     """Whether :func:`conv3x3` of ``x`` would use Winograd weights if given them.
 
     True for float32/float64 CPU tensors ``[B, C, H, W]`` with at least :data:`WINOGRAD_MIN_CHANNELS`
-    channels and :data:`WINOGRAD_MIN_TILES` tiles, autograd and CPU autocast off, when the backend in force for ``conv3x3`` is ``cpp`` and
-    ``MSFLOW_FAST_WINOGRAD`` is not ``0``. Callers use it to decide whether
-    :func:`conv3x3_winograd_weight` is worth computing (and caching).
+    channels and :data:`WINOGRAD_MIN_TILES` tiles, with autograd and CPU autocast off, when the
+    backend in force for ``conv3x3`` is ``cpp`` and ``MSFLOW_FAST_WINOGRAD`` is not ``0``. Callers
+    use it to decide whether :func:`conv3x3_winograd_weight` is worth computing (and caching).
     """
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return False
@@ -86,10 +86,12 @@ def conv3x3(
     """
     v.tensor(x, "x", ndim=4)
     v.tensor(weight, "weight", ndim=4)
+    v.same_device_dtype("x", x, weight=weight)
     if tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
         raise ValueError(f"weight must have shape [C_out, {x.shape[1]}, 3, 3] for x {tuple(x.shape)}, got {tuple(weight.shape)}")
     if bias is not None:
         v.tensor(bias, "bias", ndim=1)
+        v.same_device_dtype("x", x, bias=bias)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] (C_out), got {tuple(bias.shape)}")
     if weight_winograd is not None:
