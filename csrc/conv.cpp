@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <vector>
 
 #include "common.h"
 
@@ -106,38 +107,56 @@ inline at::Tensor workspace(int64_t numel, const at::TensorOptions& options) {
 struct TileGrid {
   int64_t B, H, W, th, tw;
   int64_t tiles() const { return B * th * tw; }
-  int64_t padded_h() const { return 4 * th + 2; }  // input rows incl. the zero halo and the round-up
+  int64_t padded_h() const { return 4 * th + 2; }  // staged input rows: zero halo and round-up included
   int64_t padded_w() const { return 4 * tw + 2; }
 };
 
-// Offset of tile t's top-left input pixel in a channel plane of the padded input
-// [B, C, padded_h, padded_w], and of its top-left output pixel in [B, C, 4 th, 4 tw].
-inline void tile_offsets(const TileGrid& g, int64_t channels, int64_t c, int64_t t, int64_t* in, int64_t* out) {
+// Offset of tile t's top-left output pixel in y [B, C, 4 th, 4 tw] (channel c).
+inline int64_t tile_output_offset(const TileGrid& g, int64_t channels, int64_t c, int64_t t) {
   const int64_t b = t / (g.th * g.tw), ty = (t / g.tw) % g.th, tx = t % g.tw;
-  *in = ((b * channels + c) * g.padded_h() + 4 * ty) * g.padded_w() + 4 * tx;
-  *out = ((b * channels + c) * 4 * g.th + 4 * ty) * 4 * g.tw + 4 * tx;
+  return ((b * channels + c) * 4 * g.th + 4 * ty) * 4 * g.tw + 4 * tx;
 }
 
-// V[c, p, t - first] ([C, 36, tiles]: one channel's 36 rows together) for channel c and tiles
-// first <= t < first + tiles (any rows, any images), from the zero-padded input xp. The lanes are
-// kLanes consecutive tiles, so small grids fill them.
+// x [B, C, H, W] with any strides (the channel halves of a flow block are strided views).
 template <typename T>
-void transform_input_channel(const T* xp, const TileGrid& g, int64_t c, int64_t channels, int64_t first,
-                             int64_t tiles, T* V) {
-  const int64_t pw = g.padded_w();
+struct InputView {
+  const T* data;
+  int64_t stride_b, stride_c, stride_h, stride_w;
+};
+
+// V[c, p, t - first] ([C, 36, tiles]: one channel's 36 rows together) for channel c and tiles
+// first <= t < first + tiles (any rows, any images). The images these tiles touch are first
+// staged, zero-padded (1-pixel halo, rows and columns rounded up to whole tiles), in a per-thread
+// buffer that stays in cache; the lanes are kLanes consecutive tiles, so small grids fill them.
+template <typename T>
+void transform_input_channel(const InputView<T>& x, const TileGrid& g, int64_t c, int64_t first, int64_t tiles,
+                             T* V) {
+  const int64_t ph = g.padded_h(), pw = g.padded_w(), per_image = g.th * g.tw;
+  const int64_t b0 = first / per_image, b1 = (first + tiles - 1) / per_image;
+  thread_local std::vector<T> staged;
+  staged.assign((b1 - b0 + 1) * ph * pw, T(0));
+  for (int64_t b = b0; b <= b1; ++b) {
+    for (int64_t r = 0; r < g.H; ++r) {
+      const T* src = x.data + b * x.stride_b + c * x.stride_c + r * x.stride_h;
+      T* dst = staged.data() + ((b - b0) * ph + r + 1) * pw + 1;
+      for (int64_t q = 0; q < g.W; ++q) dst[q] = src[q * x.stride_w];
+    }
+  }
   alignas(64) T d[36 * kLanes];    // d[i][j][lane]: the 6x6 input tiles
   alignas(64) T tmp[36 * kLanes];  // B^T d
   alignas(64) T v[36 * kLanes];    // B^T d B
-  int64_t base[kLanes], unused;
+  int64_t base[kLanes];
   for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
     const int64_t lanes = std::min(kLanes, tiles - t0);
     for (int64_t l = 0; l < kLanes; ++l) {
-      tile_offsets(g, channels, c, first + t0 + std::min(l, lanes - 1), &base[l], &unused);
+      const int64_t t = first + t0 + std::min(l, lanes - 1);
+      const int64_t b = t / per_image, ty = (t / g.tw) % g.th, tx = t % g.tw;
+      base[l] = ((b - b0) * ph + 4 * ty) * pw + 4 * tx;
     }
     for (int64_t i = 0; i < 6; ++i) {
       for (int64_t j = 0; j < 6; ++j) {
         T* dst = d + (i * 6 + j) * kLanes;
-        const T* src = xp + i * pw + j;
+        const T* src = staged.data() + i * pw + j;
         for (int64_t l = 0; l < kLanes; ++l) dst[l] = src[base[l]];
       }
     }
@@ -157,7 +176,7 @@ void transform_output_channel(const T* M, const TileGrid& g, int64_t co, int64_t
   alignas(64) T m[36 * kLanes];    // m[i][j][lane]
   alignas(64) T tmp[24 * kLanes];  // A^T m: [4][6][lane]
   alignas(64) T out[16 * kLanes];  // A^T m A: [4][4][lane]
-  int64_t base[kLanes], unused;
+  int64_t base[kLanes];
   for (int64_t t0 = 0; t0 < tiles; t0 += kLanes) {
     const int64_t lanes = std::min(kLanes, tiles - t0);
     for (int64_t p = 0; p < 36; ++p) {
@@ -168,7 +187,7 @@ void transform_output_channel(const T* M, const TileGrid& g, int64_t co, int64_t
     }
     for (int64_t j = 0; j < 6; ++j) output_transform_1d(m + j * kLanes, 6 * kLanes, tmp + j * kLanes, 6 * kLanes);
     for (int64_t i = 0; i < 4; ++i) output_transform_1d(tmp + i * 6 * kLanes, kLanes, out + i * 4 * kLanes, kLanes);
-    for (int64_t l = 0; l < lanes; ++l) tile_offsets(g, channels, co, first + t0 + l, &unused, &base[l]);
+    for (int64_t l = 0; l < lanes; ++l) base[l] = tile_output_offset(g, channels, co, first + t0 + l);
     for (int64_t i = 0; i < 4; ++i) {
       for (int64_t j = 0; j < 4; ++j) {
         const T* src = out + (i * 4 + j) * kLanes;
@@ -205,8 +224,6 @@ at::Tensor conv3x3_winograd_fwd_cpu(const at::Tensor& x, const at::Tensor& weigh
   const int64_t B = x.size(0), Ci = x.size(1), H = x.size(2), W = x.size(3), Co = weight_winograd.size(1);
   if (B * Ci * H * W == 0 || Co == 0) return new_output({B, Co, H, W}, x.options());
   const TileGrid g{B, H, W, (H + 3) / 4, (W + 3) / 4};
-  // Zero halo of 1 pixel, plus the rows/columns that round H and W up to whole tiles.
-  const at::Tensor xp = at::constant_pad_nd(x, {1, g.padded_w() - 1 - W, 1, g.padded_h() - 1 - H}, 0).contiguous();
   const bool whole_tiles = H == 4 * g.th && W == 4 * g.tw;
   at::Tensor y_tiles = whole_tiles ? new_output({B, Co, H, W}, x.options())
                                    : at::empty({B, Co, 4 * g.th, 4 * g.tw}, x.options());
@@ -217,7 +234,7 @@ at::Tensor conv3x3_winograd_fwd_cpu(const at::Tensor& x, const at::Tensor& weigh
   at::Tensor V = buffers.narrow(0, 0, 36 * Ci * block).view({Ci, 36, block});
   at::Tensor M = buffers.narrow(0, 36 * Ci * block, 36 * Co * block).view({36, Co, block});
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv3x3_winograd_fwd_cpu", [&] {
-    const scalar_t* xpp = xp.data_ptr<scalar_t>();
+    const InputView<scalar_t> xv{x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.stride(2), x.stride(3)};
     const scalar_t* bp = bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y_tiles.data_ptr<scalar_t>();
     for (int64_t first = 0; first < g.tiles(); first += block) {
@@ -227,7 +244,7 @@ at::Tensor conv3x3_winograd_fwd_cpu(const at::Tensor& x, const at::Tensor& weigh
       at::Tensor m = tiles == block ? M : at::empty({36, Co, tiles}, x.options());
       scalar_t* vp = v.data_ptr<scalar_t>();
       at::parallel_for(0, Ci, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) transform_input_channel(xpp, g, c, Ci, first, tiles, vp);
+        for (int64_t c = c0; c < c1; ++c) transform_input_channel(xv, g, c, first, tiles, vp);
       });
       at::bmm_out(m, U, v.permute({1, 0, 2}));  // [36, Co, tiles]; V read as [36, Ci, tiles], ld 36 * tiles
       const scalar_t* mp = m.data_ptr<scalar_t>();

@@ -55,6 +55,21 @@ def test_winograd_matches_conv2d_in_float64(shape, bias):
     torch.testing.assert_close(out, F.conv2d(x, weight, b, padding=1), rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("layout", ["channel_half", "channels_last", "transposed"])
+def test_winograd_reads_strided_inputs(layout):
+    # A flow block's passive half is a strided view [:, :C/2] of a contiguous tensor; the op reads
+    # it (and other layouts) in place.
+    x, weight, b = _conv_inputs((3, 6, 9, 7, 5))
+    if layout == "channel_half":
+        x = torch.cat([x, torch.randn_like(x)], dim=1)[:, :6]
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    else:
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not x.is_contiguous()
+    torch.testing.assert_close(_winograd(x, weight, b), F.conv2d(x, weight, b, padding=1), rtol=1e-11, atol=1e-11)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_winograd_float32_error_stays_within_the_documented_bound(shape):
     # Winograd F(4x4, 3x3) rounds more than a direct convolution (its transforms scale values by
