@@ -73,16 +73,19 @@ class InferenceCachedModule(nn.Module):
         """``F.conv2d(x, weight, bias, padding=1)``; where :func:`msflow_fast.ops.winograd_enabled`
         (CPU inference), by Winograd with ``weight``'s transform cached under ``name``."""
         if self._winograd(x, weight):
-            winograd = self._inference_cache.get(name, (weight,), lambda: ops.conv3x3_winograd_weight(weight))
-            return ops.conv3x3(x, weight, bias, weight_winograd=winograd)
+            return self._winograd_conv(name, x, weight, bias)
         return F.conv2d(x, weight, bias, padding=1)
 
     def _conv_module(self, name: str, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         """``conv(x)`` for a 3x3, stride-1, padding-1 ``conv``; by Winograd as :meth:`_conv3x3` where it
         applies (the module is then not called: its hooks do not fire)."""
         if self._winograd(x, conv.weight):
-            return self._conv3x3(name, x, conv.weight, conv.bias)
+            return self._winograd_conv(name, x, conv.weight, conv.bias)
         return conv(x)
+
+    def _winograd_conv(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        winograd = self._inference_cache.get(name, (weight,), lambda: ops.conv3x3_winograd_weight(weight))
+        return ops.conv3x3(x, weight, bias, weight_winograd=winograd)
 
     @staticmethod
     def _winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
