@@ -1,0 +1,63 @@
+"""Golden test: a fixed-seed MSFlow checkpoint gives the same bits it gave when it was written.
+
+``tests/golden/msflow_v2_checkpoint.pt`` and its outputs were written by
+``tests/golden/make_msflow_golden.py`` before the model zoo redesign (format version 2). Loaded
+with today's code, the same weights must give bit-identical latents, log-dets, loss, maps and
+scores on the ``reference`` and ``cpp`` backends, for the training forward and for ``predict``.
+Bits are compared where the machine matches the one that wrote the fixture (torch version and
+CPU capability; one thread); elsewhere float32 rounding may differ, so the check is a tight
+tolerance instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+sys.path.insert(0, str(GOLDEN))
+
+from golden_backbone import GoldenBackbone  # noqa: E402
+from make_msflow_golden import CHECKPOINT, OUTPUTS, _outputs  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _load_golden_model():
+    from msflow_fast.model import load_checkpoint
+
+    return load_checkpoint(CHECKPOINT, backbone=GoldenBackbone())
+
+
+def test_golden_checkpoint_gives_the_same_bits(one_thread):
+    from msflow_fast import ops
+
+    if "cpp" not in ops.available_backends("cpu"):
+        pytest.fail("the golden test needs the C++ extension (msflow_fast._C); build it with scripts/install.sh")
+    expected = torch.load(OUTPUTS, weights_only=True)
+    same_machine = (
+        expected["meta/torch"] == str(torch.__version__)
+        and expected["meta/cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    )
+    actual = _outputs(_load_golden_model(), expected["images"])
+    tensors = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor) and k != "images"}
+    assert sorted(actual) == sorted(tensors)
+    mismatched = []
+    for key, want in tensors.items():
+        got = actual[key]
+        assert got.shape == want.shape and got.dtype == want.dtype, key
+        if same_machine:
+            if not torch.equal(got, want):
+                mismatched.append(f"{key}: max |diff| {(got.double() - want.double()).abs().max().item():.3e}")
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+    assert not mismatched, "not bit-identical:\n" + "\n".join(mismatched)
