@@ -1,8 +1,10 @@
 """End-to-end MSFlow: a training step and inference throughput, eager reference vs compile vs fused.
 
 Providers:
-    reference         the eager composition: the ``reference`` ops, and the positional condition
-                      concatenated to every subnet input as the official model does, fp32
+    reference         the eager composition: the ``reference`` ops, the blocks as plain modules
+                      (no fast paths: LayerNorm modules, separate scale/shift convs, F.conv2d) and
+                      the positional condition concatenated to every subnet input as the official
+                      model does, fp32
     compile           ``torch.compile`` of that composition (flows; the head stays eager), fp32
     msflow_fast       the auto backend (fused kernels), fp32
     msflow_fast-bf16  the auto backend under bf16 autocast (GPU only)
@@ -21,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from msflow_fast import MSFlow, ops
+from msflow_fast.nn import enable_fast_paths
 
 from .harness import Job, Result, time_ms
 
@@ -31,6 +34,19 @@ def _settings(device: torch.device, smoke: bool = False) -> dict:
     if device.type == "cuda":
         return {"backbone": "wide_resnet50_2", "size": 512, "train_batch": 8, "infer_batches": (32, 1), "overrides": {}}
     return {"backbone": "resnet18", "size": 256, "train_batch": 4, "infer_batches": (8,), "overrides": {}}
+
+
+@contextlib.contextmanager
+def _fast_paths(model: torch.nn.Module, provider: str):
+    """The eager lines run the blocks as plain modules; msflow_fast lines with the model's fast paths."""
+    eager = provider in ("reference", "compile")
+    if eager:
+        enable_fast_paths(model, False)
+    try:
+        yield
+    finally:
+        if eager:
+            enable_fast_paths(model, True)
 
 
 def _context(provider: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -161,8 +177,9 @@ def jobs(
             torch.nn.utils.clip_grad_norm_(flow_params, 2.0)
             optimizer.step()
 
-        timing = time_ms(train_step, device, min_run_time=min_run_time)
-        peak = _peak_memory_mb(device, train_step)
+        with _fast_paths(model, provider):
+            timing = time_ms(train_step, device, min_run_time=min_run_time)
+            peak = _peak_memory_mb(device, train_step)
         return [_row("train step", provider, train_shape, device, timing, batch, peak)]
 
     for j, provider in enumerate(providers):
@@ -186,8 +203,9 @@ def jobs(
         rows = []
         shape = f"B{infer_batch} {size}px {cfg['backbone']}"
         for mode, fn in (("infer flows+head", flows_head), ("infer with backbone", full)):
-            timing = time_ms(fn, device, min_run_time=min_run_time)
-            peak = _peak_memory_mb(device, fn)
+            with _fast_paths(model, provider):
+                timing = time_ms(fn, device, min_run_time=min_run_time)
+                peak = _peak_memory_mb(device, fn)
             rows.append(_row(mode, provider, shape, device, timing, infer_batch, peak))
         return rows
 

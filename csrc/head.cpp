@@ -4,7 +4,9 @@
 //   gaussian_nll_bwd(grad [B], z)                        -> grad_z       = grad[b] * z
 //   log_likelihood_map_fwd(z [B, C, H, W])               -> [B, H, W]    = -0.5 * mean_c z^2
 //   log_likelihood_map_bwd(grad [B, H, W], z)            -> grad_z       = -grad * z / C
-//   aggregate_anomaly_maps_fwd(maps, output_size, top_k) -> (map_add, map_mul, score)
+//   aggregate_anomaly_maps_fwd(maps, output_size, top_k, log_space_score)
+//                                                        -> (map_add, map_mul, score, score_log_space)
+//                                                           (score_log_space [B] in nats, or [0] if not asked)
 //   log_space_score_fwd(maps, output_size, top_k)        -> score [B]    (nats)
 //
 // Accumulation is float32 for half/bfloat16/float32 inputs and float64 for float64 inputs.
@@ -475,9 +477,8 @@ at::Tensor log_likelihood_map_bwd_cpu(const at::Tensor& grad, const at::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // Multi-scale aggregation and image scores
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at::TensorList maps,
-                                                                               at::IntArrayRef output_size,
-                                                                               double top_k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(
+    at::TensorList maps, at::IntArrayRef output_size, double top_k, bool log_space_score) {
   check_head_maps(maps, output_size, top_k);
   const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1], N = H * W;
   const int64_t k = head_top_k_count(N, top_k);
@@ -485,6 +486,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
   at::Tensor map_add = new_output({B, H, W}, options);
   at::Tensor map_mul = new_output({B, H, W}, options);
   at::Tensor score = new_output({B}, options);
+  at::Tensor score_log = new_output({log_space_score ? B : 0}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps[0].scalar_type(), "aggregate_anomaly_maps_fwd_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -496,12 +498,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
     scalar_t* add = map_add.data_ptr<scalar_t>();
     scalar_t* mul = map_mul.data_ptr<scalar_t>();
     scalar_t* sp = score.data_ptr<scalar_t>();
-    // One image per task: x-upsampled rows, row sums with maxima, maps, then the top-k mean,
+    scalar_t* slp = log_space_score ? score_log.data_ptr<scalar_t>() : nullptr;
+    // One image per task: x-upsampled rows, row sums with maxima, maps, then the top-k means,
     // all on per-thread buffers that stay in cache.
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       ImageBuffers<acc_t> buf(total_rows, W, max_w, /*with_prob=*/true);
       std::unique_ptr<acc_t[]> own_prob(kSameType ? nullptr : new acc_t[N]);
       std::unique_ptr<acc_t[]> own_log(kSameType && kFloat ? nullptr : new acc_t[N]);
+      std::unique_ptr<acc_t[]> gap(log_space_score ? new acc_t[N] : nullptr);  // max L - L (nats)
       std::unique_ptr<TopKScratch> topk(kFloat ? new TopKScratch(N) : nullptr);
       for (int64_t b = b0; b < b1; ++b) {
         scalar_t* add_b = add + b * N;
@@ -521,6 +525,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
         acc_t* rounded_mul = kSameType ? reinterpret_cast<acc_t*>(mul_b) : sum_log;
         if constexpr (kFloat) topk->clear();
         for (int64_t y = 0; y < H; ++y) {
+          if (log_space_score) {
+            for (int64_t i = y * W; i < (y + 1) * W; ++i) gap[i] = max_log - sum_log[i];
+          }
           for (int64_t i = y * W; i < (y + 1) * W; ++i) {
             add_b[i] = static_cast<scalar_t>(max_prob - sum_prob[i]);
             const scalar_t m = static_cast<scalar_t>(acc_t(1) - exp_approx(sum_log[i] - max_log));
@@ -535,10 +542,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cpu(at
           std::copy(mul_b, mul_b + N, own_log.get());
           sp[b] = static_cast<scalar_t>(top_k_mean_image(own_log.get(), N, k, topk.get()));
         }
+        if (log_space_score) {  // the same selection as log_space_score_fwd_cpu, on the same L
+          if constexpr (kFloat) {
+            topk->clear();
+            for (int64_t y = 0; y < H; ++y) top_k_add_row(gap.get() + y * W, W, topk.get());
+          }
+          slp[b] = static_cast<scalar_t>(top_k_mean_image(gap.get(), N, k, topk.get()));
+        }
       }
     });
   });
-  return {map_add, map_mul, score};
+  return {map_add, map_mul, score, score_log};
 }
 
 at::Tensor log_space_score_fwd_cpu(at::TensorList maps, at::IntArrayRef output_size, double top_k) {
@@ -584,8 +598,8 @@ TORCH_LIBRARY_FRAGMENT(msflow_fast, m) {
   m.def("log_likelihood_map_fwd(Tensor z) -> Tensor");
   m.def("log_likelihood_map_bwd(Tensor grad, Tensor z) -> Tensor");
   m.def(
-      "aggregate_anomaly_maps_fwd(Tensor[] log_likelihood_maps, int[] output_size, float top_k) "
-      "-> (Tensor, Tensor, Tensor)");
+      "aggregate_anomaly_maps_fwd(Tensor[] log_likelihood_maps, int[] output_size, float top_k, "
+      "bool log_space_score=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_space_score_fwd(Tensor[] log_likelihood_maps, int[] output_size, float top_k) -> Tensor");
 }
 

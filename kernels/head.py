@@ -459,10 +459,38 @@ def _upsampled_sums(
     return sum_log, (sum_prob if with_prob else None), block_max, num_blocks
 
 
+def _finish(sum_log, sum_prob, block_max, num_blocks: int, map_add: torch.Tensor, map_mul: torch.Tensor, log_space: bool) -> None:
+    """Launch :func:`_anomaly_maps_finish_fwd_kernel`: the maps (or, with ``log_space``, ``max L - L``) from the fused sums."""
+    B, H, W = sum_log.shape
+    N = H * W
+    _anomaly_maps_finish_fwd_kernel[(B, triton.cdiv(N, _BLOCK_MAP))](
+        sum_log_ptr=sum_log,
+        sum_prob_ptr=sum_log if sum_prob is None else sum_prob,
+        block_max_ptr=block_max,
+        map_add_ptr=map_add,
+        map_mul_ptr=map_mul,
+        N=N,
+        NUM_BLOCKS=num_blocks,
+        WITH_PROB=sum_prob is not None,
+        LOG_SPACE=log_space,
+        BLOCK=_BLOCK_MAP,
+        BLOCK_P=triton.next_power_of_2(num_blocks),
+    )
+
+
+def _log_space_top_k(sum_log: torch.Tensor, block_max: torch.Tensor, num_blocks: int, top_k: float, dtype: torch.dtype) -> torch.Tensor:
+    """Top-k mean of ``max L - L`` per image (nats) from the fused sums of :func:`_upsampled_sums` -> ``[B]``."""
+    B, H, W = sum_log.shape
+    gap = torch.empty((B, H, W), dtype=sum_log.dtype, device=sum_log.device)
+    _finish(sum_log, None, block_max, num_blocks, gap, gap, log_space=True)
+    return top_k_mean_fwd(gap.view(B, H * W), max(1, int(H * W * top_k)), out_dtype=dtype)
+
+
 def aggregate_anomaly_maps_fwd(
-    maps: list[torch.Tensor], output_size: tuple[int, int], top_k: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused "add"/"mul" anomaly maps ``[B, H, W]`` and the top-k mean score ``[B]`` (dtype of the maps)."""
+    maps: list[torch.Tensor], output_size: tuple[int, int], top_k: float, log_space_score: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Fused "add"/"mul" anomaly maps ``[B, H, W]`` and the top-k mean score ``[B]`` (dtype of the maps),
+    plus the log-space score ``[B]`` (nats) from the same upsampled sums with ``log_space_score``."""
     B = maps[0].shape[0]
     H, W = output_size
     N = H * W
@@ -470,45 +498,17 @@ def aggregate_anomaly_maps_fwd(
     sum_log, sum_prob, block_max, num_blocks = _upsampled_sums(maps, output_size, with_prob=True)
     map_add = torch.empty((B, H, W), dtype=dtype, device=maps[0].device)
     map_mul = torch.empty((B, H, W), dtype=dtype, device=maps[0].device)
-    _anomaly_maps_finish_fwd_kernel[(B, triton.cdiv(N, _BLOCK_MAP))](
-        sum_log_ptr=sum_log,
-        sum_prob_ptr=sum_prob,
-        block_max_ptr=block_max,
-        map_add_ptr=map_add,
-        map_mul_ptr=map_mul,
-        N=N,
-        NUM_BLOCKS=num_blocks,
-        WITH_PROB=True,
-        LOG_SPACE=False,
-        BLOCK=_BLOCK_MAP,
-        BLOCK_P=triton.next_power_of_2(num_blocks),
-    )
-    k = max(1, int(N * top_k))
-    score = top_k_mean_fwd(map_mul.view(B, N), k)
-    return map_add, map_mul, score
+    _finish(sum_log, sum_prob, block_max, num_blocks, map_add, map_mul, log_space=False)
+    score = top_k_mean_fwd(map_mul.view(B, N), max(1, int(N * top_k)))
+    if not log_space_score:
+        return map_add, map_mul, score
+    return map_add, map_mul, score, _log_space_top_k(sum_log, block_max, num_blocks, top_k, dtype)
 
 
 def log_space_score_fwd(maps: list[torch.Tensor], output_size: tuple[int, int], top_k: float) -> torch.Tensor:
     """Top-k mean of ``max L - L`` per image (nats) -> ``[B]`` (dtype of the maps)."""
-    B = maps[0].shape[0]
-    H, W = output_size
-    N = H * W
     sum_log, _, block_max, num_blocks = _upsampled_sums(maps, output_size, with_prob=False)
-    gap = torch.empty((B, H, W), dtype=sum_log.dtype, device=sum_log.device)
-    _anomaly_maps_finish_fwd_kernel[(B, triton.cdiv(N, _BLOCK_MAP))](
-        sum_log_ptr=sum_log,
-        sum_prob_ptr=sum_log,
-        block_max_ptr=block_max,
-        map_add_ptr=gap,
-        map_mul_ptr=gap,
-        N=N,
-        NUM_BLOCKS=num_blocks,
-        WITH_PROB=False,
-        LOG_SPACE=True,
-        BLOCK=_BLOCK_MAP,
-        BLOCK_P=triton.next_power_of_2(num_blocks),
-    )
-    return top_k_mean_fwd(gap.view(B, N), max(1, int(N * top_k)), out_dtype=maps[0].dtype)
+    return _log_space_top_k(sum_log, block_max, num_blocks, top_k, maps[0].dtype)
 
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""msflow_fast: fused normalizing-flow kernels and modules for visual anomaly detection (MSFlow)."""
+"""msflow_fast: fused normalizing-flow kernels, drop-in flow blocks and a model zoo for visual anomaly detection."""
 
 from __future__ import annotations
 
@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 
 from ._build import build_info
 from . import ops
-from .model import MSFlow, MSFlowConfig
+from .models import MSFlow, MSFlowConfig, available, create, load_model, save
 
-__all__ = ["MSFlow", "MSFlowConfig", "__version__", "build_info", "ops"]
+__all__ = ["MSFlow", "MSFlowConfig", "__version__", "available", "build_info", "create", "load_model", "ops", "save"]

@@ -1,43 +1,10 @@
-"""What was built and what can run: the C++/CUDA extension, Triton, versions."""
+"""What was built and what can run: the C++/CUDA extension, Triton, versions (above ``ops``: it reads them)."""
 
 from __future__ import annotations
 
-import functools
-import importlib
-import os
 from typing import Any
 
 import torch
-
-
-@functools.lru_cache(maxsize=None)
-def extension_info() -> dict[str, Any]:
-    """Load ``msflow_fast._C`` once; report whether it loaded and whether CUDA sources were compiled in."""
-    if os.environ.get("MSFLOW_FAST_DISABLE_EXT", "0") == "1":
-        return {"loaded": False, "cuda": False, "error": "disabled by MSFLOW_FAST_DISABLE_EXT=1"}
-    try:
-        importlib.import_module("msflow_fast._C")
-    except ImportError as exc:
-        return {"loaded": False, "cuda": False, "error": f"{type(exc).__name__}: {exc}"}
-    cuda = bool(torch.ops.msflow_fast.compiled_with_cuda())
-    return {"loaded": True, "cuda": cuda, "error": None}
-
-
-def extension_ops(required_op: str, what: str):
-    """``torch.ops.msflow_fast`` for a C++ backend module, or ``ImportError`` (which the backend
-    registry records) when the extension is missing or was built without ``required_op``.
-
-    Args:
-        required_op: an op the caller needs, e.g. ``"affine_coupling_fwd"``.
-        what: what it belongs to, for the message, e.g. ``"the coupling ops (csrc/coupling.cpp)"``.
-    """
-    info = extension_info()
-    if not info["loaded"]:
-        raise ImportError(f"msflow_fast._C is not available: {info['error']}")
-    ops = torch.ops.msflow_fast
-    if not hasattr(ops, required_op):
-        raise ImportError(f"msflow_fast._C was built without {what}; rebuild the extension")
-    return ops
 
 
 def build_info() -> dict[str, Any]:
@@ -53,6 +20,7 @@ def build_info() -> dict[str, Any]:
     from . import __version__
     from .ops import available_backends
     from .ops._backend import triton_interpreter_enabled
+    from .ops._extension import extension_info
 
     ext = extension_info()
     try:

@@ -62,7 +62,7 @@ def test_explicit_unavailable_backend_says_how_to_get_it(monkeypatch):
 
 def test_explicit_cpp_without_extension_says_how_to_build(monkeypatch):
     monkeypatch.setattr(
-        "msflow_fast._build.extension_info", lambda: {"loaded": False, "cuda": False, "error": "ImportError: gone"}
+        "msflow_fast.ops._extension.extension_info", lambda: {"loaded": False, "cuda": False, "error": "ImportError: gone"}
     )
     x, a = _inputs()
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from msflow_fast import ops
-from msflow_fast.nn import FusionSTNets, SubnetConvLN
+from msflow_fast.nn import FusionSTNets, SubnetConvLN, enable_fast_paths
 from msflow_fast.ops import reference
 
 from conftest import fused_backends
@@ -191,6 +191,7 @@ def _without_winograd(monkeypatch, fn):
 def test_subnet_uses_cached_winograd_weights_at_cpu_inference(monkeypatch):
     torch.manual_seed(1)
     subnet = SubnetConvLN(64 + 64, 2 * 64)
+    assert enable_fast_paths(subnet) == 1
     x = torch.randn(2, 64, 16, 16)
     cond = torch.randn(1, 64, 16, 16).expand(2, -1, -1, -1)
     with torch.no_grad():
@@ -221,6 +222,7 @@ def test_subnet_uses_cached_winograd_weights_at_cpu_inference(monkeypatch):
 def test_fusion_subnet_uses_winograd_at_cpu_inference(monkeypatch):
     torch.manual_seed(2)
     net = FusionSTNets([64, 128])
+    assert enable_fast_paths(net) == 2
     xs = [torch.randn(4, 64, 16, 16), torch.randn(4, 128, 8, 8)]
     with torch.no_grad():
         plain = _without_winograd(monkeypatch, lambda: net(xs))
@@ -229,3 +231,35 @@ def test_fusion_subnet_uses_winograd_at_cpu_inference(monkeypatch):
     assert any(name == "conv1" for name in net.cross_convs._inference_cache._entries)
     for f, p in zip(fast, plain):
         torch.testing.assert_close(f, p, rtol=2e-5, atol=2e-5 * p.abs().max().item())
+
+
+def test_subnets_are_plain_modules_until_fast_paths_are_enabled():
+    """By default every submodule is called (its hooks fire) and nothing is cached, at inference too."""
+    torch.manual_seed(3)
+    subnet = SubnetConvLN(64 + 64, 2 * 64)
+    net = FusionSTNets([64, 128])
+    calls = []
+    for module in (subnet.conv1, subnet.ln, subnet.conv2, net.cross_convs.conv1, net.cross_convs.norm, net.conv_s[0], net.conv_t[1]):
+        module.register_forward_hook(lambda m, i, o, name=type(module).__name__: calls.append(name))
+    x = torch.randn(2, 64, 16, 16)
+    cond = torch.randn(1, 64, 16, 16).expand(2, -1, -1, -1)
+    xs = [torch.randn(4, 64, 16, 16), torch.randn(4, 128, 8, 8)]
+    with torch.no_grad():
+        plain_subnet = subnet.forward_split(x, [cond])
+        plain_net = net(xs)
+    assert len(calls) == 7 and len(subnet._inference_cache) == 0 and len(net._inference_cache) == 0
+    enable_fast_paths(subnet)
+    enable_fast_paths(net)
+    calls.clear()
+    with torch.no_grad():
+        fast_subnet = subnet.forward_split(x, [cond])
+        fast_net = net(xs)
+    assert calls == [], "the fast paths skip the module calls"
+    torch.testing.assert_close(fast_subnet, plain_subnet, rtol=2e-5, atol=2e-5 * plain_subnet.abs().max().item())
+    for f, p in zip(fast_net, plain_net):
+        torch.testing.assert_close(f, p, rtol=2e-5, atol=2e-5 * p.abs().max().item())
+    assert enable_fast_paths(subnet, False) == 1
+    calls.clear()
+    with torch.no_grad():
+        subnet.forward_split(x, [cond])
+    assert len(calls) == 3

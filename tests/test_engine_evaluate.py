@@ -12,13 +12,17 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from msflow_fast._files import atomic_write, atomic_write_json
 from msflow_fast.engine import SyntheticDefects, apply_colormap, aupro, evaluate, fit, overlay, predict_folder
-from msflow_fast.engine.checkpoint import atomic_write_json, load_checkpoint
+from msflow_fast.models import read as load_checkpoint
 from test_engine_protocol import TinyFlowModel
 
 
 class _Oracle(torch.nn.Module):
-    """predict() returns fixed maps/scores looked up from the images' first pixel (the item index)."""
+    """predict() returns fixed maps/scores looked up from the images' first pixel (the item index);
+    a plain module (not an AnomalyModel) that routes AUPRO to its second map, as MSFlow does."""
+
+    metric_maps = {"aupro": "anomaly_map_mul"}
 
     def __init__(self, maps_add, maps_mul, scores):
         super().__init__()
@@ -27,7 +31,7 @@ class _Oracle(torch.nn.Module):
 
     def predict(self, images):
         idx = images[:, 0, 0, 0].round().long()
-        return SimpleNamespace(anomaly_map=self.maps_add[idx], anomaly_map_mul=self.maps_mul[idx], score=self.scores[idx])
+        return SimpleNamespace(anomaly_map=self.maps_add[idx], score=self.scores[idx], maps={"anomaly_map_mul": self.maps_mul[idx]})
 
 
 def _batches(n, size, masks, bs=3):
@@ -52,6 +56,11 @@ def test_evaluate_matches_direct_metrics():
     assert result["pixel_auroc"] == pytest.approx(roc_auc_score(masks.numpy().ravel(), maps_add.numpy().ravel()))
     assert result["aupro"] == pytest.approx(aupro(maps_mul, masks))
     assert result["num_images"] == n and result["num_anomalous"] == 3 and result["units"] == "fraction"
+    assert result["maps"] == {"pixel_auroc": "anomaly_map", "aupro": "anomaly_map_mul"}
+    # without a routing, every pixel metric reads anomaly_map
+    model.metric_maps = {}
+    plain = evaluate(model, list(_batches(n, size, masks)), progress=False)
+    assert plain["aupro"] == pytest.approx(aupro(maps_add, masks)) and plain["aupro"] != pytest.approx(result["aupro"])
 
 
 def test_evaluate_without_anomalies_gives_none():
@@ -64,7 +73,7 @@ def test_evaluate_without_anomalies_gives_none():
 def test_evaluate_shape_mismatch_is_explained():
     masks = torch.zeros(2, 8, 8, dtype=torch.bool)
     model = _Oracle(torch.rand(2, 6, 6), torch.rand(2, 6, 6), torch.rand(2))
-    with pytest.raises(ValueError, match="do not match masks"):
+    with pytest.raises(ValueError, match="'anomaly_map' has shape .* but the masks are"):
         evaluate(model, list(_batches(2, 8, masks)), progress=False)
 
 
@@ -132,7 +141,7 @@ class _TinyBackbone(torch.nn.Module):
 
 
 def test_real_msflow_fit_resume_evaluate(tmp_path):
-    from msflow_fast.model import MSFlow, MSFlowConfig
+    from msflow_fast import MSFlow, MSFlowConfig, load_model, save
 
     torch.manual_seed(0)
     config = MSFlowConfig(input_size=64, pretrained=False, parallel_blocks=(1, 1, 1), c_cond=8)
@@ -145,18 +154,18 @@ def test_real_msflow_fit_resume_evaluate(tmp_path):
     result = evaluate(model, SyntheticDefects("test", 6, 64, seed=0), batch_size=3, progress=False)
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= result[key] <= 1.0
+    assert result["maps"] == {"pixel_auroc": "anomaly_map", "aupro": "anomaly_map_mul"}
 
-    # last.pt is a model checkpoint plus "training": the model layer rebuilds the MSFlow from it
-    from msflow_fast.model import load_checkpoint as load_model, save_checkpoint as save_model
-
+    # last.pt is a model checkpoint plus "training": load_model rebuilds the MSFlow from it
     state = load_checkpoint(tmp_path)
-    assert state["kind"] == "msflow" and state["backbone_source"] == "module" and state["training"]["epoch"] == 2
-    assert not any(k.startswith("extractor.") for k in state["flows"])
+    assert state["model"] == "msflow" and state["extractors"]["extractor"]["source"] == "module"
+    assert state["training"]["epoch"] == 2
+    assert any(k.startswith("extractor.backbone.") for k in state["weights"])  # a given module is stored
     rebuilt = load_model(tmp_path / "last.pt", backbone=_TinyBackbone())
     x = SyntheticDefects("test", 2, 64, seed=1)[0]["image"][None]
     torch.testing.assert_close(rebuilt.predict(x).score, model.predict(x).score)
     # a model-only checkpoint evaluates but cannot be resumed
-    save_model(model, tmp_path / "model.pt")
+    save(model, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="model.pt.*without training state"):
         fit(model, train, epochs=4, out_dir=tmp_path / "o", resume=tmp_path / "model.pt", progress=False)
 
@@ -169,7 +178,7 @@ def test_corrupt_training_checkpoint_is_named(tmp_path):
         fit(TinyFlowModel(input_size=16), [torch.zeros(1, 3, 16, 16)], epochs=1, out_dir=tmp_path, resume=True, progress=False)
 
 
-def test_non_finite_images_are_named_by_evaluate_and_predict_folder(tmp_path, monkeypatch):
+def test_non_finite_images_are_named_and_decoded_files_are_not_checked(tmp_path, monkeypatch):
     from msflow_fast.engine import data as engine_data
 
     ds = SyntheticDefects("test", 6, 16, seed=0)
@@ -190,28 +199,27 @@ def test_non_finite_images_are_named_by_evaluate_and_predict_folder(tmp_path, mo
         evaluate(model, [{"image": torch.stack([it["image"] for it in items[3:6]]), "label": torch.tensor([1, 0, 1])}], progress=False)
     assert evaluate(model, batches, pixel_metrics=False, progress=False)["num_images"] == 3
 
+    # Decoded files are 8-bit, always finite: evaluate and predict_folder make no NaN pass over them.
+    calls = []
+    real_check = engine_data.check_finite_images
+    import importlib
+
+    evaluate_module = importlib.import_module("msflow_fast.engine.evaluate")
+    monkeypatch.setattr(evaluate_module, "check_finite_images", lambda *a, **k: calls.append(1) or real_check(*a, **k))
+    evaluate(model, SyntheticDefects("test", 4, 16, seed=0), batch_size=2, progress=False)
     folder = tmp_path / "images"
     folder.mkdir()
     for name in ("a", "b", "c"):
         Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(folder / f"{name}.png")
-    real = engine_data.load_image
-
-    def load_with_nan(path, input_size):
-        image, size = real(path, input_size)
-        if str(path).endswith("b.png"):  # e.g. a custom decoder producing NaN
-            image[2, 3, 4] = float("inf")
-        return image, size
-
-    monkeypatch.setattr(engine_data, "load_image", load_with_nan)
-    with pytest.raises(ValueError, match=r"b\.png \(image 1 of the batch\) contains NaN or infinite"):
-        predict_folder(model, folder, tmp_path / "out", batch_size=2, progress=False)
-    assert not (tmp_path / "out" / "scores.csv").exists()
+    predict_folder(model, folder, tmp_path / "out", batch_size=2, progress=False)
+    assert calls == []
+    with pytest.raises(ValueError, match="004"):  # tensors from a custom Dataset are checked
+        evaluate(model, Items(), batch_size=6, progress=False)
+    assert calls == [1]
 
 
 def test_interrupted_writes_keep_the_old_file(tmp_path, monkeypatch):
     """A write that dies half-way (disk full, Ctrl-C) leaves the previous file whole and no temp file."""
-    from msflow_fast.model import checkpoint as model_checkpoint
-
     metrics = tmp_path / "metrics.json"
     atomic_write_json(metrics, {"auroc": 0.9})
 
@@ -220,11 +228,11 @@ def test_interrupted_writes_keep_the_old_file(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        model_checkpoint.atomic_write(metrics, half_then_fail)
+        atomic_write(metrics, half_then_fail)
     assert json.loads(metrics.read_text()) == {"auroc": 0.9}
 
     ckpt = tmp_path / "last.pt"
-    model_checkpoint.write_checkpoint({"epoch": 1, "w": torch.arange(4.0)}, ckpt)
+    atomic_write(ckpt, lambda f: torch.save({"epoch": 1, "w": torch.arange(4.0)}, f))
     real_save = torch.save
 
     def save_half(obj, f, *args, **kwargs):
@@ -234,7 +242,7 @@ def test_interrupted_writes_keep_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_half)
     with pytest.raises(OSError, match="No space left"):
-        model_checkpoint.write_checkpoint({"epoch": 2, "w": torch.zeros(4)}, ckpt)
+        atomic_write(ckpt, lambda f: torch.save({"epoch": 2, "w": torch.zeros(4)}, f))
     monkeypatch.undo()
     state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(4.0))

@@ -1,4 +1,4 @@
-"""fit(): schedule, input kinds, checkpoints, resume after interruption, non-finite loss, AMP, DDP."""
+"""fit(): recipes and stages, schedule, input kinds, checkpoints, exact resume, non-finite values, AMP, DDP."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, Dataset
 
-from msflow_fast.engine import OfficialSchedule, SyntheticDefects, fit, load_checkpoint
+from msflow_fast.engine import EpochSchedule, SyntheticDefects, fit
+from msflow_fast.models import read as load_checkpoint
+from msflow_fast.models.base import TrainRecipe, TrainStage
+from msflow_fast.models.msflow import OFFICIAL_RECIPE
 from test_engine_protocol import TinyFlowModel
 
 
@@ -38,14 +41,14 @@ def test_official_schedule_matches_torch_schedulers():
     opt = torch.optim.Adam([p], lr=1e-4)
     warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, end_factor=1.0, total_iters=12)
     decay = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[70, 90], gamma=0.33)
-    sched = OfficialSchedule(100)
+    sched = EpochSchedule.for_stage(OFFICIAL_RECIPE.stages[0])
     assert sched.warmup_epochs == 12 and sched.milestones == (70, 90)
     for epoch in range(100):
         assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * sched(epoch), rel=1e-9)
         opt.step()
         warm.step()
         decay.step()
-    scaled = OfficialSchedule(10)
+    scaled = EpochSchedule.for_stage(OFFICIAL_RECIPE.stages[0].replace(epochs=10))
     assert scaled.warmup_epochs == 1 and scaled.milestones == (7, 9)
     assert scaled(0) == pytest.approx(0.1) and scaled(1) == 1.0 and scaled(9) == pytest.approx(0.33**2)
 
@@ -80,13 +83,13 @@ def test_checkpoint_every_epoch_and_contents(tmp_path):
     model = TinyFlowModel(input_size=16)
     fit(model, _Images(), epochs=3, lr=0.01, batch_size=4, shuffle=False, out_dir=tmp_path, progress=False)
     state = load_checkpoint(tmp_path / "last.pt")
-    assert state["format"] == "msflow_fast" and state["kind"] == "module"
+    assert state["format"] == "msflow_fast" and state["format_version"] == 3 and state["model"] == "tiny_flow"
     training = state["training"]
-    assert training["epoch"] == 2 and len(training["history"]["loss"]) == 3
+    assert training["stage"] == "train" and training["epoch"] == 2 and len(training["history"]["train"]["loss"]) == 3
     assert set(state["versions"]) == {"msflow_fast", "torch", "python"}
     assert training["optimizer"] is not None and training["scheduler"] is not None
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    torch.testing.assert_close(state["state_dict"]["mu"], model.mu.detach())
+    torch.testing.assert_close(state["weights"]["mu"], model.mu.detach())
 
 
 def test_resume_after_interruption_matches_uninterrupted(tmp_path):
@@ -116,9 +119,9 @@ class _Exploding(TinyFlowModel):
         super().__init__(input_size=16)
         self.after, self.steps = after, 0
 
-    def loss(self, images):
+    def loss(self, batch):
         self.steps += 1
-        loss = super().loss(images)
+        loss = super().loss(batch)
         return loss * float("nan") if self.steps > self.after else loss
 
 
@@ -130,7 +133,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["training"]["epoch"] == 1
     restored = TinyFlowModel(input_size=16)
-    restored.load_state_dict(state["state_dict"])
+    restored.load_state_dict(state["weights"])
     assert all(torch.isfinite(v).all() for v in restored.state_dict().values())
 
 
@@ -176,7 +179,7 @@ def test_ddp_two_cpu_processes_gloo(tmp_path):
         torch.testing.assert_close(a[key], b[key])
     state = load_checkpoint(out / "last.pt")
     assert state["training"]["epoch"] == 1
-    torch.testing.assert_close(state["state_dict"]["mu"], a["mu"])
+    torch.testing.assert_close(state["weights"]["mu"], a["mu"])
     assert sorted(p.name for p in out.iterdir()) == ["last.pt"]
 
 
@@ -244,8 +247,8 @@ def test_fit_reads_the_device_once_per_step(monkeypatch, grad_clip):
 class _BadGradient(TinyFlowModel):
     """Finite loss, NaN gradient (d sqrt(u)/du at 0 is inf, times du/dmu = 0)."""
 
-    def loss(self, images):
-        return super().loss(images) + (self.mu - self.mu.detach()).abs().sum().sqrt()
+    def loss(self, batch):
+        return super().loss(batch) + (self.mu - self.mu.detach()).abs().sum().sqrt()
 
 
 def test_non_finite_gradient_norm_stops_before_the_step():
@@ -279,16 +282,16 @@ def test_non_finite_image_names_the_file(value):
 
 
 def _count_checkpoint_reads(monkeypatch):
-    from msflow_fast.engine import checkpoint as engine_checkpoint
+    from msflow_fast.models import checkpoint as model_checkpoint
 
     reads = []
-    original = engine_checkpoint.read_checkpoint
+    original = model_checkpoint.read
 
     def counting(path, **kwargs):
         reads.append(str(path))
         return original(path, **kwargs)
 
-    monkeypatch.setattr(engine_checkpoint, "read_checkpoint", counting)
+    monkeypatch.setattr(model_checkpoint, "read", counting)
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(f"torch.load {f}") or real_load(f, *a, **k))
     return reads
@@ -299,7 +302,7 @@ def test_resume_reads_last_pt_once(tmp_path, monkeypatch):
     fit(TinyFlowModel(input_size=16), _Images(), epochs=2, out_dir=tmp_path, **kwargs)
     reads = _count_checkpoint_reads(monkeypatch)
     result = fit(TinyFlowModel(input_size=16), _Images(), epochs=3, out_dir=tmp_path, resume=True, **kwargs)
-    assert result.start_epoch == 2 and len(reads) == 2, reads  # one read_checkpoint, one torch.load in it
+    assert result.start_epoch == 2 and len(reads) == 2, reads  # one read, one torch.load in it
     # a checkpoint dict already read (e.g. by the CLI to build the model) is used as it is
     monkeypatch.undo()
     state = load_checkpoint(tmp_path)
@@ -309,3 +312,124 @@ def test_resume_reads_last_pt_once(tmp_path, monkeypatch):
     assert result.start_epoch == 3 and len(result.losses) == 1 and reads == []
     with pytest.raises(ValueError, match="without training state"):
         fit(TinyFlowModel(input_size=16), _Images(), epochs=4, resume={k: v for k, v in state.items() if k != "training"}, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes, stages, exact resume with shuffling, weights checked before a checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fit_takes_its_defaults_from_the_recipe(monkeypatch):
+    seen = {}
+    real = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *args, **kwargs):
+        seen["clip"] = max_norm
+        return real(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    model = TinyFlowModel(input_size=16)
+    result = fit(model, _Images(), epochs=10, progress=False)
+    # TINY_RECIPE: lr 1e-4, warm-up from 0.1 over round(0.12 * 10) = 1 epoch, x0.33 at 7 and 9, clip 2
+    assert result.lrs[0] == pytest.approx(1e-5) and result.lrs[1] == pytest.approx(1e-4)
+    assert result.lrs[7] == pytest.approx(0.33e-4) and result.lrs[9] == pytest.approx(0.33**2 * 1e-4)
+    assert seen["clip"] == 2.0
+    seen.clear()
+    fit(model, _Images(), epochs=1, grad_clip=False, progress=False)
+    assert "clip" not in seen
+    with pytest.raises(ValueError, match="grad_clip"):
+        fit(model, _Images(), epochs=1, grad_clip=0, progress=False)
+    with pytest.raises(ValueError, match="grad_clip"):
+        fit(model, _Images(), epochs=1, grad_clip=-1.0, progress=False)
+
+
+class _TwoStage(TinyFlowModel):
+    """Stage "mu" trains mu only (Adam), stage "sigma" trains log_sigma only (AdamW)."""
+
+    stages_seen: list
+
+    @classmethod
+    def recipe_for(cls, config):
+        return TrainRecipe((
+            TrainStage(name="mu", epochs=2, batch_size=4, lr=0.05),
+            TrainStage(name="sigma", epochs=3, batch_size=6, lr=0.02, optimizer="adamw", weight_decay=0.0),
+        ))
+
+    def set_stage(self, stage):
+        self.stages_seen.append(stage)
+
+    def stage_parameters(self, stage):
+        return [self.mu] if stage == "mu" else [self.log_sigma]
+
+
+def test_two_stage_recipe_runs_stages_in_order_and_resumes_mid_stage(tmp_path):
+    _TwoStage.name = "tiny_flow"  # checkpoints store the registry name; same weights as tiny_flow
+    model = _TwoStage(input_size=16)
+    model.stages_seen = []
+    sigma_before = model.log_sigma.detach().clone()
+    fit(model, _Images(), stages=["mu"], progress=False)
+    assert model.stages_seen == ["mu"] and torch.equal(model.log_sigma.detach(), sigma_before)
+    reference = _TwoStage(input_size=16)
+    reference.stages_seen = []
+    reference.load_state_dict(model.state_dict())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    result = fit(reference, _Images(), shuffle=True, seed=3, progress=False)
+    assert reference.stages_seen == ["mu", "sigma"] and result.stages == [("mu", 2), ("sigma", 3)]
+    assert result.epochs == 5 and len(result.losses) == 5
+    # interrupted in the second stage, resumed: the same weights, bit for bit
+    interrupted = _TwoStage(input_size=16)
+    interrupted.stages_seen = []
+    interrupted.load_state_dict(start)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, _Images(fail_at=12 * 2 + 12 + 5), shuffle=True, seed=3, out_dir=tmp_path, progress=False)
+    state = load_checkpoint(tmp_path)
+    assert state["training"]["stage"] == "sigma" and state["training"]["epoch"] == 0
+    resumed = _TwoStage(input_size=16)
+    resumed.stages_seen = []
+    result = fit(resumed, _Images(), shuffle=True, seed=3, out_dir=tmp_path, resume=True, progress=False)
+    assert resumed.stages_seen == ["sigma"] and result.start_epoch == 3 and len(result.losses) == 2
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="unknown stage"):
+        fit(resumed, _Images(), stages=["nope"], progress=False)
+
+
+def test_resume_with_shuffling_gives_the_same_weights_bit_for_bit(tmp_path):
+    kwargs = dict(epochs=4, lr=0.02, batch_size=4, shuffle=True, seed=11, progress=False)
+    start = TinyFlowModel(input_size=16).state_dict()
+    reference = TinyFlowModel(input_size=16)
+    reference.load_state_dict(start)
+    fit(reference, _Images(), **kwargs)
+    interrupted = TinyFlowModel(input_size=16)
+    interrupted.load_state_dict(start)
+    with pytest.raises(KeyboardInterrupt):
+        fit(interrupted, _Images(fail_at=12 * 2 + 7), out_dir=tmp_path, **kwargs)
+    resumed = TinyFlowModel(input_size=16)
+    fit(resumed, _Images(), out_dir=tmp_path, resume=True, **kwargs)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+class _Saturating(TinyFlowModel):
+    """A finite loss whatever the weights (tanh), so a blown-up update makes the weights infinite
+    unnoticed by the loss. AdamW with weight decay 1 multiplies the weights by (1 - lr) per step."""
+
+    @classmethod
+    def recipe_for(cls, config):
+        return TrainRecipe((TrainStage(name="train", epochs=3, batch_size=4, lr=1e-3, optimizer="adamw", weight_decay=1.0),))
+
+    def loss(self, batch):
+        images = batch["image"]
+        return torch.tanh(self.mu).sum() + torch.tanh(self.log_sigma).sum() + 0.0 * images.mean()
+
+
+def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
+    # lr 1e20, warm-up from 0.1: epoch 1 moves the weights to about -1e19 (finite, checkpointed);
+    # epoch 2 multiplies them by (1 - 1e20): past float32's range, while the loss stays finite.
+    model = _Saturating(input_size=16)
+    with pytest.raises(RuntimeError, match=r"non-finite training weights .* end of epoch 2 .*last\.pt \(not replaced\)"):
+        fit(model, _Images(n=4), lr=1e20, warmup_epochs=1, out_dir=tmp_path, progress=False)
+    state = load_checkpoint(tmp_path)
+    assert state["training"]["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in state["weights"].values())
+    assert not torch.isfinite(model.mu).all()

@@ -21,7 +21,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 sys.path.insert(0, str(GOLDEN))
 
 from golden_backbone import GoldenBackbone  # noqa: E402
-from make_msflow_golden import CHECKPOINT, OUTPUTS, _outputs  # noqa: E402
+from make_msflow_golden import CHECKPOINT, OUTPUTS, outputs  # noqa: E402
 
 
 @pytest.fixture
@@ -33,9 +33,9 @@ def one_thread():
 
 
 def _load_golden_model():
-    from msflow_fast.model import load_checkpoint
+    from msflow_fast import load_model
 
-    return load_checkpoint(CHECKPOINT, backbone=GoldenBackbone())
+    return load_model(CHECKPOINT, backbone=GoldenBackbone())
 
 
 def test_golden_checkpoint_gives_the_same_bits(one_thread):
@@ -48,7 +48,7 @@ def test_golden_checkpoint_gives_the_same_bits(one_thread):
         expected["meta/torch"] == str(torch.__version__)
         and expected["meta/cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     )
-    actual = _outputs(_load_golden_model(), expected["images"])
+    actual = outputs(_load_golden_model(), expected["images"])
     tensors = {k: v for k, v in expected.items() if isinstance(v, torch.Tensor) and k != "images"}
     assert sorted(actual) == sorted(tensors)
     mismatched = []
@@ -61,3 +61,23 @@ def test_golden_checkpoint_gives_the_same_bits(one_thread):
         else:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
     assert not mismatched, "not bit-identical:\n" + "\n".join(mismatched)
+
+
+def test_golden_model_keeps_its_bits_through_every_checkpoint_format(one_thread, tmp_path):
+    """Format 2 -> format 3 (save / load_model) and the official format (save_official / load_official)
+    hold the same weights: the reloaded models give the same bits as the golden one."""
+    from msflow_fast import MSFlow, load_model, save
+    from msflow_fast.models.msflow import load_official, save_official
+
+    golden = _load_golden_model()
+    images = torch.load(OUTPUTS, weights_only=True)["images"][:2]
+    want = outputs(golden, images)
+    save(golden, tmp_path / "v3.pt")
+    again = load_model(tmp_path / "v3.pt", backbone=GoldenBackbone())
+    save_official(golden, tmp_path / "best_det.pt", epoch=3)
+    official = load_official(MSFlow(golden.config, backbone=GoldenBackbone()), tmp_path / "best_det.pt")
+    official.extractor.backbone.load_state_dict(golden.extractor.backbone.state_dict())  # the official file holds no backbone
+    for name, model in (("format 3", again), ("official", official)):
+        got = outputs(model, images)
+        bad = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not bad, f"{name}: not bit-identical: {bad}"

@@ -143,6 +143,45 @@ def test_aggregate_anomaly_maps_matches_reference(backend, dtype, batch, scales,
     )
 
 
+@pytest.mark.parametrize("backend", ["reference", *_backends("aggregate_anomaly_maps")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("output_size,top_k", [((29, 31), 0.03), ((1, 1), 0.5), ((5, 40), 1.0)])
+def test_one_aggregation_pass_gives_both_scores(backend, dtype, output_size, top_k):
+    """``log_space_score=True``: the same maps and official score, and the log-space score bit for
+    bit equal to the separate op (the same upsampled sums, the same selection), on every backend."""
+    maps = [m.to(dtype) for m in _random_maps(3, SCALE_SETS[list(SCALE_SETS)[-1]], spread=30.0)]
+    add, mul, score, log_score = ops.aggregate_anomaly_maps(maps, output_size, top_k=top_k, log_space_score=True, backend=backend)
+    add3, mul3, score3 = ops.aggregate_anomaly_maps(maps, output_size, top_k=top_k, backend=backend)
+    assert torch.equal(add, add3) and torch.equal(mul, mul3) and torch.equal(score, score3)
+    separate = ops.log_space_score(maps, output_size, top_k=top_k, backend=backend)
+    assert log_score.dtype == separate.dtype == dtype and torch.equal(log_score, separate)
+    with pytest.raises(TypeError, match="log_space_score must be a bool"):
+        ops.aggregate_anomaly_maps(maps, output_size, log_space_score=1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", _backends("aggregate_anomaly_maps"))
+def test_one_aggregation_pass_gradients_are_the_reference(backend):
+    maps = [m.requires_grad_() for m in _random_maps(2, [(4, 5), (2, 3)])]
+    outs = ops.aggregate_anomaly_maps(maps, (7, 9), top_k=0.2, log_space_score=True, backend=backend)
+    grads = torch.autograd.grad(outs[0].sum() + outs[2].sum() + outs[3].sum(), maps)
+    ref_maps = [m.detach().requires_grad_() for m in maps]
+    ref = reference.aggregate_anomaly_maps(ref_maps, (7, 9), top_k=0.2, log_space_score=True)
+    ref_grads = torch.autograd.grad(ref[0].sum() + ref[2].sum() + ref[3].sum(), ref_maps)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_official_score_saturates_at_the_measured_gaps():
+    """1 - exp(-d) rounds to exactly 1.0 from d = 25 ln 2 = 17.33 nats in float32, 54 ln 2 = 37.43 in float64."""
+    import math
+
+    for dtype, bits in ((torch.float32, 25), (torch.float64, 54)):
+        edge = bits * math.log(2.0)
+        gaps = torch.tensor([edge - 0.05, edge + 0.05], dtype=dtype)
+        official = 1.0 - torch.exp(-gaps)
+        assert official[0] < 1.0 and official[1] == 1.0, dtype
+
+
 @pytest.mark.parametrize("backend", _all_backends())
 @pytest.mark.parametrize("top_k", [1e-9, 0.03, 0.5, 1.0], ids=str)
 def test_top_k_with_ties(backend, top_k):
@@ -281,6 +320,7 @@ def test_opcheck_cpp_head_ops():
         o.log_likelihood_map_bwd, (torch.randn(2, 5, 7, dtype=torch.float64, device=DEVICE), z.detach())
     )
     torch.library.opcheck(o.aggregate_anomaly_maps_fwd, (maps, [11, 13], 0.1))
+    torch.library.opcheck(o.aggregate_anomaly_maps_fwd, (maps, [11, 13], 0.1, True))
     torch.library.opcheck(o.log_space_score_fwd, (maps, [11, 13], 0.1))
 
 

@@ -1,4 +1,5 @@
-"""MSFlow model: shapes, predict vs the reference composition, config, checkpoints (official and own), bad inputs."""
+"""MSFlow model: shapes, predict vs the reference composition, config, checkpoints (official read and
+written, own format), bad inputs."""
 
 from __future__ import annotations
 
@@ -17,18 +18,10 @@ import FrEIA.modules as Fm
 import msflow_fast
 from helpers import TinyBackbone
 from msflow_fast import MSFlow, MSFlowConfig, ops
-from msflow_fast.model import (
-    FeatureExtractor,
-    PositionalEncoding2d,
-    checkpoint_state,
-    load_checkpoint,
-    load_official_checkpoint,
-    model_from_checkpoint_state,
-    positional_encoding_2d,
-    read_checkpoint,
-    save_checkpoint,
-)
-from msflow_fast.nn import FusionCouplingLayer, FusionFlow, ParallelFlows, subnet_conv_ln
+from msflow_fast.models import FeatureExtractor, PositionalEncoding2d, positional_encoding_2d
+from msflow_fast.models.checkpoint import checkpoint_state, load_model as load_checkpoint, read as read_checkpoint, save as save_checkpoint
+from msflow_fast.models.msflow import FusionFlow, build_parallel_flows, load_official as load_official_checkpoint, official_state, save_official
+from msflow_fast.nn import FusionCouplingLayer, subnet_conv_ln
 
 CHANNELS = (8, 16, 32)
 SMALL = dict(c_cond=8, parallel_blocks=(1, 2, 2), pretrained=False)
@@ -58,9 +51,9 @@ def test_output_shapes(size):
     assert [tuple(z.shape) for z in latents] == [(2, c, g, g) for c, g in zip(CHANNELS, grids)]
     assert logdet.shape == (2,)
     pred = model.predict(x)
-    assert pred.anomaly_map.shape == pred.anomaly_map_mul.shape == (2, size, size)
-    assert pred.score.shape == pred.score_log_space.shape == (2,)
-    assert [tuple(m.shape) for m in pred.log_likelihood_maps] == [(2, g, g) for g in grids]
+    assert pred.anomaly_map.shape == pred.maps["anomaly_map_mul"].shape == (2, size, size)
+    assert pred.score.shape == pred.maps["score_log_space"].shape == pred.maps["score_official"].shape == (2,)
+    assert [tuple(pred.maps[f"log_likelihood_{k}"].shape) for k in range(3)] == [(2, g, g) for g in grids]
     assert torch.isfinite(pred.anomaly_map).all() and (pred.anomaly_map >= 0).all()
 
 
@@ -76,9 +69,10 @@ def test_predict_equals_the_reference_composition():
         log_score = ops.reference.log_space_score(maps, (64, 64), top_k=0.03)
         loss = model.loss(x)
     torch.testing.assert_close(pred.anomaly_map, add, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pred.anomaly_map_mul, mul, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred.maps["anomaly_map_mul"], mul, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(pred.score, score, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pred.score_log_space, log_score, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred.maps["score_official"], score, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pred.maps["score_log_space"], log_score, rtol=1e-4, atol=1e-4)
     expected_loss = (0.5 * sum(z.square().flatten(1).sum(1) for z in latents) - logdet).mean()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-3)
     assert [f.shape for f in feats] == [z.shape for z in latents]
@@ -237,7 +231,7 @@ def test_extractor_from_timm_name_without_download():
 
 
 def test_official_parameter_counts():
-    flows = ParallelFlows((256,), (2,), 64, 1.9)
+    flows = build_parallel_flows((256,), (2,), 64, 1.9)
     assert sum(p.numel() for p in flows.parameters() if p.requires_grad) == 1_550_976
     fusion = FusionFlow((256, 512, 1024))
     assert sum(p.numel() for p in fusion.parameters() if p.requires_grad) == 19_618_368
@@ -357,22 +351,22 @@ def test_official_checkpoint_from_freia_modules_loads_and_matches(tmp_path):
 def test_own_checkpoint_round_trip(tmp_path):
     model = _model()
     path = tmp_path / "ckpt" / "model.pt"
-    save_checkpoint(model, path, epoch=7)
+    save_checkpoint(model, path, training={"epoch": 7})
     data = torch.load(path, weights_only=True)
-    assert data["epoch"] == 7 and data["format"] == "msflow_fast" and data["format_version"] == 2
-    assert data["kind"] == "msflow" and data["config"] == model.config.to_dict()
-    assert not any(k.startswith("extractor.") for k in data["flows"])
+    assert data["training"] == {"epoch": 7} and data["format"] == "msflow_fast" and data["format_version"] == 3
+    assert data["model"] == "msflow" and data["config"] == model.config.to_dict()
     # a user-supplied backbone cannot be rebuilt from the config: its weights are stored
-    assert data["backbone_source"] == "module" and data["backbone_class"] == "TinyBackbone"
-    assert set(data["backbone"]) == set(model.extractor.backbone.state_dict())
+    assert data["extractors"] == {"extractor": {"source": "module", "class": "TinyBackbone"}}
+    assert set(data["weights"]) == set(model.state_dict())
     assert set(data["versions"]) == {"msflow_fast", "torch", "python"}
     assert not [p for p in path.parent.iterdir() if p.name != "model.pt"]
     fresh = TinyBackbone()  # other weights: the stored ones replace them
     loaded = load_checkpoint(path, backbone=fresh)
-    assert loaded.config == model.config
+    assert loaded.config == model.config and type(loaded) is MSFlow
     x = _images()
     for a, b in zip(model(x).latents, loaded(x).latents):
         torch.testing.assert_close(a, b)
+    assert read_checkpoint(tmp_path / "ckpt" / "model.pt")["path"].endswith("model.pt")
     with pytest.raises(ValueError, match="user-supplied backbone .*TinyBackbone.*backbone="):
         load_checkpoint(path)
     with pytest.raises(ValueError, match="official"):
@@ -381,29 +375,42 @@ def test_own_checkpoint_round_trip(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="pretrained"):
         load_checkpoint(path, backbone=fresh, pretrained=True)
+    wrong = _model(parallel_blocks=(1, 1, 2))
+    with pytest.raises(ValueError, match="does not match the model"):
+        msflow_fast.models.load_weights(wrong, read_checkpoint(path))
 
 
 def test_checkpoint_of_timm_backbone_stores_weights_only_when_not_pretrained(tmp_path):
-    pytest.importorskip("timm")
     torch.manual_seed(0)
     config = MSFlowConfig(backbone="resnet18", input_size=64, c_cond=8, parallel_blocks=(1, 1, 1), pretrained=False)
     model = MSFlow(config)
     path = tmp_path / "random.pt"
     save_checkpoint(model, path)
     data = torch.load(path, weights_only=True)
-    assert data["backbone_source"] == "random" and "backbone" in data
+    assert data["extractors"]["extractor"]["source"] == "random" and any(k.startswith("extractor.") for k in data["weights"])
     torch.manual_seed(1)  # a different random backbone: the stored weights must win
     loaded = load_checkpoint(path)
     x = _images(1, 64)
     torch.testing.assert_close(model(x).logdet, loaded(x).logdet)
 
-    # pretrained timm weights are rebuilt from the name, not stored (no download here: flip the flag)
+    # pretrained timm weights are rebuilt from the name, not stored (no download here: flip the source)
     model.config = config.replace(pretrained=True)
+    model.extractor.source = "pretrained"
     state = checkpoint_state(model)
-    assert state["backbone_source"] == "pretrained" and "backbone" not in state
+    assert state["extractors"]["extractor"]["source"] == "pretrained"
+    assert not any(k.startswith("extractor.") for k in state["weights"])
     # a given module is used as it is for a "pretrained" checkpoint
-    rebuilt = model_from_checkpoint_state(state, backbone=model.extractor.backbone)
+    rebuilt = load_checkpoint(state, backbone=model.extractor.backbone)
     torch.testing.assert_close(rebuilt(x).logdet, model(x).logdet)
+
+
+def test_a_backbone_name_reaches_the_config():
+    """MSFlow(backbone="resnet18") sets config.backbone (a timm name), not the module argument."""
+    model = MSFlow(input_size=64, backbone="resnet18", pretrained=False, parallel_blocks=(1, 1, 1), c_cond=8)
+    assert model.config.backbone == "resnet18" and model.extractor.source == "random"
+    assert model.extractor.channels == [64, 128, 256]
+    with pytest.raises(TypeError, match="timm model name or an nn.Module"):
+        MSFlow(backbone=3)
 
 
 def test_corrupt_truncated_and_foreign_checkpoints_name_the_file(tmp_path):
@@ -428,7 +435,7 @@ def test_corrupt_truncated_and_foreign_checkpoints_name_the_file(tmp_path):
         read_checkpoint(pickled)
     official = tmp_path / "official.pt"
     torch.save({"parallel_flows": [], "fusion_flow": {}}, official)
-    with pytest.raises(ValueError, match="official.pt.*load_official_checkpoint"):
+    with pytest.raises(ValueError, match="official.pt.*load_official"):
         load_checkpoint(official)
     future = checkpoint_state(model)
     future["format_version"] = 99
@@ -436,11 +443,93 @@ def test_corrupt_truncated_and_foreign_checkpoints_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="future.pt.*format_version 99.*upgrade"):
         read_checkpoint(tmp_path / "future.pt")
     incomplete = checkpoint_state(model)
-    del incomplete["flows"]
-    with pytest.raises(ValueError, match="lacks.*flows"):
+    del incomplete["weights"]
+    with pytest.raises(ValueError, match="lacks.*weights"):
         load_checkpoint(incomplete, backbone=TinyBackbone())
+    unknown = checkpoint_state(model)
+    unknown["model"] = "msflw"
+    with pytest.raises(ValueError, match="msflw.*Did you mean 'msflow'"):
+        load_checkpoint(unknown, backbone=TinyBackbone())
     with pytest.raises(ValueError, match="not an official MSFlow checkpoint"):
         load_official_checkpoint(model, path)
+
+
+class _Payload:
+    """Unpickling this object writes a marker file (what a crafted checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_pickles_never_run_code(tmp_path):
+    marker = tmp_path / "PWNED"
+    model = _model()
+    for name, payload in {
+        "own.pt": {**checkpoint_state(model), "config": _Payload(marker)},
+        "best_det.pt": {"parallel_flows": [], "fusion_flow": _Payload(marker), "epoch": 0},
+    }.items():
+        path = tmp_path / name
+        torch.save(payload, path)
+        assert not marker.exists()
+        with pytest.raises(ValueError, match=f"{name}.*Python objects"):
+            if name == "own.pt":
+                load_checkpoint(path, backbone=TinyBackbone())
+            else:
+                load_official_checkpoint(model, path)
+        assert not marker.exists(), f"loading {name} ran code from the file"
+    torch.load(tmp_path / "own.pt", weights_only=False)  # the payload is live: an unsafe load runs it
+    assert marker.exists()
+
+
+def _official_load_weights(parallel_flows, fusion_flow, path):
+    """The official ``load_weights`` (cool-xuan/msflow utils.py) as its behaviour is documented:
+    ``torch.load``; the fusion permutations renamed to this graph's module indices by their length;
+    ``load_state_dict(strict=False)`` for the fusion flow and each parallel flow; returns ``epoch``."""
+    state = torch.load(path)
+    fusion_state = dict(state["fusion_flow"])
+    index_of_length = {fusion_flow.module_list[i].perm.shape[0]: i for i in range(len(parallel_flows))}
+    renamed = {}
+    for key, value in list(fusion_state.items()):
+        if "perm" in key:
+            renamed[key.replace(key.split(".")[1], str(index_of_length[value.shape[0]]))] = value
+            del fusion_state[key]
+    fusion_state.update(renamed)
+    fusion_flow.load_state_dict(fusion_state, strict=False)
+    for flow, flow_state in zip(parallel_flows, state["parallel_flows"]):
+        flow.load_state_dict(flow_state, strict=False)
+    return state["epoch"]
+
+
+def test_checkpoint_written_in_the_official_format_is_read_by_the_official_loader(tmp_path):
+    torch.manual_seed(3)
+    np.random.seed(3)
+    model = _model()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    path = save_official(model, tmp_path / "best_det.pt", epoch=41)
+    # The official structure from FrEIA 0.2 modules, with other random weights and permutations.
+    np.random.seed(99)
+    torch.manual_seed(99)
+    parallel, graph = _official_structure(CHANNELS, SMALL["parallel_blocks"], SMALL["c_cond"])
+    expected_keys = set(graph.state_dict()) | {k for inn in parallel for k in inn.state_dict()}
+    written = official_state(model, epoch=41)
+    assert set(written["fusion_flow"]) == set(graph.state_dict())  # every key the official graph has
+    assert all(set(sd) == set(inn.state_dict()) for sd, inn in zip(written["parallel_flows"], parallel))
+    assert expected_keys and _official_load_weights(parallel, graph, path) == 41
+    images = _images(2, 64)
+    expected, expected_logdet = _official_forward(model.extractor.backbone, parallel, graph, images, SMALL["c_cond"])
+    latents, logdet = model(images)
+    for z, e in zip(latents, expected):
+        torch.testing.assert_close(z, e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logdet, expected_logdet, rtol=1e-5, atol=1e-3)
+    # and our reader reads it back
+    again = load_official_checkpoint(_model(), path)
+    torch.testing.assert_close(again(images).logdet, logdet)
 
 
 def test_top_level_exports():

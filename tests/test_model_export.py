@@ -1,4 +1,4 @@
-"""Export of MSFlow.predict (torch.export, ONNX through the reference backend) and autocast numerics."""
+"""Export of a registered model's predict (MSFlow here: torch.export, ONNX through the reference backend) and autocast numerics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 from helpers import TinyBackbone
 from msflow_fast import MSFlow, ops
-from msflow_fast.model import PredictModule, export_onnx, export_predict
+from msflow_fast.models import PredictModule, export_onnx, export_predict, output_names
 
 SMALL = dict(c_cond=8, parallel_blocks=(1, 2, 2), pretrained=False)
 
@@ -31,11 +31,14 @@ def _images(batch=2, size=64, seed=1):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+NAMES = ["anomaly_map", "score", "anomaly_map_mul", "log_likelihood_0", "log_likelihood_1", "log_likelihood_2",
+         "score_log_space", "score_official"]
+
+
 def _assert_matches_predict(outputs, pred, **tol):
-    anomaly_map, anomaly_map_mul, score = outputs
-    torch.testing.assert_close(anomaly_map, pred.anomaly_map, **tol)
-    torch.testing.assert_close(anomaly_map_mul, pred.anomaly_map_mul, **tol)
-    torch.testing.assert_close(score, pred.score, **tol)
+    assert len(outputs) == len(NAMES)
+    for name, value in zip(NAMES, outputs):
+        torch.testing.assert_close(value, pred.get(name), **tol, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_exported_program_equals_predict_with_dynamic_batch():
@@ -43,6 +46,7 @@ def test_exported_program_equals_predict_with_dynamic_batch():
     x = _images(2)
     program = export_predict(model, x)
     assert isinstance(program, torch.export.ExportedProgram)
+    assert output_names(model.predict(x), 2) == NAMES
     _assert_matches_predict(program.module()(x), model.predict(x))
     for batch in (1, 3):  # other batch sizes through the same program
         other = _images(batch, seed=batch)
@@ -81,8 +85,10 @@ def test_exported_reference_program_has_only_aten_ops_and_matches():
 
 def test_export_rejects_bad_inputs():
     model = _model()
-    with pytest.raises(TypeError, match="MSFlow"):
-        PredictModule(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="AnomalyModel"):
+        PredictModule(nn.Linear(2, 2), ["anomaly_map"])
+    with pytest.raises(TypeError, match="AnomalyModel"):
+        export_predict(nn.Linear(2, 2), _images(1))
     with pytest.raises(ValueError, match="divisible"):
         export_predict(model, _images(1, 60))
     bad = _images(1)
@@ -107,6 +113,7 @@ def test_onnx_export_runs_and_matches(tmp_path):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == NAMES
     other = _images(3, seed=3)
     outputs = session.run(None, {"images": other.numpy()})
     pred = model.predict(other)

@@ -15,7 +15,7 @@ import FrEIA.modules as Fm
 from FrEIA.modules.all_in_one_block import AllInOneBlock as FrEIABlock
 
 from msflow_fast import ops
-from msflow_fast.nn import AllInOneBlock, FusedAllInOneBlock, SequenceFlow, compat, patch_freia, subnet_conv_ln
+from msflow_fast.nn import AllInOneBlock, FusedAllInOneBlock, SequenceFlow, compat, enable_fast_paths, patch_freia, subnet_conv_ln
 
 from helpers import assert_close_to_reference, max_abs_err
 
@@ -463,6 +463,7 @@ def test_batch_constant_condition_takes_the_split_subnet_path_with_the_same_resu
     # conv1 once; the result and every gradient equal those of the concatenated condition.
     torch.manual_seed(5)
     block = AllInOneBlock([(7, 1, 1)], dims_c=[(4, 1, 1)], subnet_constructor=subnet_conv_ln, affine_clamping=1.9)
+    enable_fast_paths(block)
     block = block.double()
     x = torch.randn(3, 7, 5, 6, dtype=torch.float64)
     shared = torch.randn(1, 4, 5, 6, dtype=torch.float64).expand(3, -1, -1, -1)
@@ -487,6 +488,7 @@ def test_inference_caches_the_condition_term_until_an_input_changes():
     # of the condition or of conv1's weights (in place or replaced) recomputes it.
     torch.manual_seed(6)
     subnet = subnet_conv_ln(3 + 4, 6).double()
+    enable_fast_paths(subnet)
     x = torch.randn(2, 3, 5, 6, dtype=torch.float64)
     cond = torch.randn(1, 4, 5, 6, dtype=torch.float64)
     calls = []
@@ -524,6 +526,7 @@ def test_inference_caches_the_condition_term_until_an_input_changes():
 def test_condition_cache_follows_autocast():
     torch.manual_seed(7)
     subnet = subnet_conv_ln(3 + 4, 6)
+    enable_fast_paths(subnet)
     x = torch.randn(2, 3, 5, 6)
     cond = torch.randn(1, 4, 5, 6).expand(2, -1, -1, -1)
     with torch.no_grad():
@@ -539,6 +542,7 @@ def test_condition_cache_follows_autocast():
 def test_condition_cache_is_safe_in_inference_mode_and_dropped_on_copy_and_move():
     torch.manual_seed(8)
     subnet = subnet_conv_ln(3 + 4, 6)
+    enable_fast_paths(subnet)
     x = torch.randn(2, 3, 5, 6)
     with torch.inference_mode():  # conditions made in inference mode carry no version counter
         cond = torch.randn(1, 4, 5, 6)

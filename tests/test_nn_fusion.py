@@ -9,15 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msflow_fast.nn import (
-    AnomalyHead,
-    ChannelPermutation,
-    FusionCouplingLayer,
-    FusionFlow,
-    FusionSTNets,
-    ParallelFlows,
-    SubnetConvLN,
-)
+from msflow_fast.models.msflow import FusionFlow, MSFlowHead, build_parallel_flows
+from msflow_fast.nn import ChannelPermutation, FusionCouplingLayer, FusionSTNets, ParallelFlows, SequenceFlow, SubnetConvLN, enable_fast_paths
 from msflow_fast import ops
 
 GRIDS = [(4, 4), (2, 2), (1, 1)]
@@ -186,6 +179,7 @@ def test_inference_caches_the_stacked_st_weights_until_a_weight_changes():
     # replaced weight recomputes them, and with autograd on nothing is cached.
     torch.manual_seed(3)
     net = FusionSTNets([4, 6])
+    enable_fast_paths(net)
     xs = _inputs((4, 6), GRIDS[1:], batch=2)
 
     def expected():
@@ -212,7 +206,8 @@ def test_inference_caches_the_stacked_st_weights_until_a_weight_changes():
 
 
 def test_parallel_flows_and_head_shapes():
-    flows = ParallelFlows((4, 6), (1, 2), cond_channels=4, clamp=1.9)
+    flows = build_parallel_flows((4, 6), (1, 2), cond_channels=4, clamp=1.9)
+    assert isinstance(flows, ParallelFlows)
     assert len(flows.flows[1]) == 2 and isinstance(flows.flows[0][0].subnet, SubnetConvLN)
     feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
     conds = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)]
@@ -221,13 +216,40 @@ def test_parallel_flows_and_head_shapes():
     for b, f, l1, l2 in zip(back, feats, logdets, logdets_rev):
         torch.testing.assert_close(b, f, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(l2, -l1)
-    head = AnomalyHead(top_k=0.1)
+    head = MSFlowHead(top_k=0.1)
     out = head(zs, (16, 16))
     maps = [ops.log_likelihood_map(z) for z in zs]
     add, mul, score = ops.reference.aggregate_anomaly_maps(maps, (16, 16), top_k=0.1)
+    log_score = ops.reference.log_space_score(maps, (16, 16), top_k=0.1)
     torch.testing.assert_close(out.anomaly_map, add)
-    torch.testing.assert_close(out.anomaly_map_mul, mul)
+    torch.testing.assert_close(out.maps["anomaly_map_mul"], mul)
     torch.testing.assert_close(out.score, score)
-    torch.testing.assert_close(out.score_log_space, ops.reference.log_space_score(maps, (16, 16), top_k=0.1))
+    torch.testing.assert_close(out.maps["score_official"], score)
+    torch.testing.assert_close(out.maps["score_log_space"], log_score)
+    torch.testing.assert_close(out.maps["log_likelihood_1"], maps[1])
+    torch.testing.assert_close(MSFlowHead(top_k=0.1, score="log_space")(zs, (16, 16)).score, log_score)
     with pytest.raises(ValueError, match="top_k"):
-        AnomalyHead(top_k=0.0)
+        MSFlowHead(top_k=0.0)
+    with pytest.raises(ValueError, match="score"):
+        MSFlowHead(score="max")
+
+
+def test_generic_parallel_flows_run_any_flows_with_or_without_conditions():
+    torch.manual_seed(4)
+    first, second = SequenceFlow(4, 1, 1), SequenceFlow(6, 1, 1)
+    from msflow_fast.nn import AllInOneBlock
+
+    first.append(AllInOneBlock, subnet_constructor=lambda i, o: torch.nn.Conv2d(i, o, 1))
+    second.append(AllInOneBlock, subnet_constructor=lambda i, o: torch.nn.Conv2d(i, o, 1))
+    flows = ParallelFlows([first, second]).double()
+    feats = [torch.randn(2, 4, 3, 3, dtype=torch.float64), torch.randn(2, 6, 2, 2, dtype=torch.float64)]
+    zs, logdets = flows(feats)
+    assert [tuple(z.shape) for z in zs] == [(2, 4, 3, 3), (2, 6, 2, 2)] and all(l.shape == (2,) for l in logdets)
+    back, _ = flows(zs, rev=True)
+    for b, f in zip(back, feats):
+        torch.testing.assert_close(b, f, rtol=1e-12, atol=1e-12)
+    assert set(flows.state_dict()) >= {"flows.0.module_list.0.global_scale", "flows.1.module_list.0.global_scale"}
+    with pytest.raises(ValueError, match="at least one flow"):
+        ParallelFlows([])
+    with pytest.raises(ValueError, match="2 scales"):
+        flows(feats[:1])

@@ -339,6 +339,22 @@ void upsampled_sums(at::TensorList maps, int64_t H, int64_t W, bool with_prob, a
 
 int launch_blocks(int64_t total) { return static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 65535 * 8)); }
 
+// score[b] = top-k mean of max L - L (nats) from the upsampled log sums L [B, N] and per-image maxima.
+template <typename acc_t>
+void log_space_top_k(const at::Tensor& sum_log, const at::Tensor& image_max, int64_t B, int64_t N, int64_t k,
+                     at::Tensor& score, cudaStream_t stream) {
+  at::Tensor gap = at::empty({B, N}, sum_log.options());
+  anomaly_maps_finish_kernel<acc_t, acc_t><<<dim3(ceil_div(N, kThreads), B), kThreads, 0, stream>>>(
+      sum_log.data_ptr<acc_t>(), nullptr, image_max.data_ptr<acc_t>(), nullptr, gap.data_ptr<acc_t>(), N,
+      /*log_space=*/true);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  at::Tensor score_acc = at::empty({B}, sum_log.options());
+  top_k_mean_kernel<acc_t, acc_t><<<B, kSelectThreads, 0, stream>>>(gap.data_ptr<acc_t>(),
+                                                                     score_acc.data_ptr<acc_t>(), N, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  score.copy_(score_acc);
+}
+
 }  // namespace
 
 // --------------------------------------------------------------------------------- host functions
@@ -424,9 +440,8 @@ at::Tensor log_likelihood_map_bwd_cuda(const at::Tensor& grad, const at::Tensor&
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cuda(at::TensorList maps,
-                                                                                at::IntArrayRef output_size,
-                                                                                double top_k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cuda(
+    at::TensorList maps, at::IntArrayRef output_size, double top_k, bool log_space_score) {
   check_head_maps(maps, output_size, top_k);
   check_batch_fits_grid(maps[0].size(0));
   const c10::cuda::CUDAGuard guard(maps[0].device());
@@ -436,6 +451,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cuda(a
   at::Tensor map_add = new_output({B, H, W}, options);
   at::Tensor map_mul = new_output({B, H, W}, options);
   at::Tensor score = new_output({B}, options);
+  at::Tensor score_log = new_output({log_space_score ? B : 0}, options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps[0].scalar_type(), "aggregate_anomaly_maps_fwd_cuda",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -448,8 +464,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aggregate_anomaly_maps_fwd_cuda(a
     top_k_mean_kernel<scalar_t, acc_t><<<B, kSelectThreads, 0, stream>>>(
         map_mul.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), N, head_top_k_count(N, top_k));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (log_space_score) {
+      log_space_top_k<acc_t>(sum_log, image_max, B, N, head_top_k_count(N, top_k), score_log, stream);
+    }
   });
-  return {map_add, map_mul, score};
+  return {map_add, map_mul, score, score_log};
 }
 
 at::Tensor log_space_score_fwd_cuda(at::TensorList maps, at::IntArrayRef output_size, double top_k) {
@@ -463,16 +482,7 @@ at::Tensor log_space_score_fwd_cuda(at::TensorList maps, at::IntArrayRef output_
     using acc_t = at::opmath_type<scalar_t>;
     at::Tensor sum_log, sum_prob, image_max;
     upsampled_sums<scalar_t, acc_t>(maps, H, W, /*with_prob=*/false, sum_log, sum_prob, image_max, stream);
-    at::Tensor gap = at::empty({B, N}, sum_log.options());
-    anomaly_maps_finish_kernel<acc_t, acc_t><<<dim3(ceil_div(N, kThreads), B), kThreads, 0, stream>>>(
-        sum_log.data_ptr<acc_t>(), nullptr, image_max.data_ptr<acc_t>(), nullptr, gap.data_ptr<acc_t>(), N,
-        /*log_space=*/true);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor score_acc = at::empty({B}, sum_log.options());
-    top_k_mean_kernel<acc_t, acc_t><<<B, kSelectThreads, 0, stream>>>(
-        gap.data_ptr<acc_t>(), score_acc.data_ptr<acc_t>(), N, head_top_k_count(N, top_k));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    score.copy_(score_acc);
+    log_space_top_k<acc_t>(sum_log, image_max, B, N, head_top_k_count(N, top_k), score, stream);
   });
   return score;
 }

@@ -1,12 +1,12 @@
-"""msflow_fast.engine: datasets, training, evaluation, metrics, checkpoints and heat-map overlays.
+"""msflow_fast.engine: model-agnostic datasets, training, evaluation, prediction, metrics and heat maps.
 
-Works with any model following the MSFlow protocol: ``model.loss(images)`` for training and
-``model.predict(images)`` (``anomaly_map``, ``anomaly_map_mul``, ``score``) for evaluation.
+The engine knows models only through :mod:`msflow_fast.models.base` (``loss(batch)``,
+``predict(images)``, ``recipe()``, ``metric_maps``) and saves them with
+:mod:`msflow_fast.models.checkpoint`; it holds no model of its own.
 """
 
 from __future__ import annotations
 
-from .checkpoint import CHECKPOINT_NAME, atomic_write_json, load_checkpoint, save_checkpoint
 from .data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -17,34 +17,37 @@ from .data import (
     normalize,
     write_synthetic_dataset,
 )
-from .evaluate import evaluate, predict_folder
+from .evaluate import evaluate
 from .metrics import aupro, auroc, image_auroc, pixel_auroc
-from .train import FitResult, OfficialSchedule, fit, seed_everything
-from .visualize import apply_colormap, overlay, save_overlay
+from .optim import EpochSchedule, make_optimizer
+from .predict import predict_folder
+from .train import CHECKPOINT_NAME, DEFAULT_RECIPE, FitResult, fit, seed_everything
+from .visualize import apply_colormap, images_to_uint8, overlay, save_overlay
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "DEFAULT_RECIPE",
+    "EpochSchedule",
     "FitResult",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "ImageFolderDataset",
     "MVTecDataset",
-    "OfficialSchedule",
     "SyntheticDefects",
     "apply_colormap",
-    "atomic_write_json",
     "aupro",
     "auroc",
     "denormalize",
     "evaluate",
     "fit",
     "image_auroc",
-    "load_checkpoint",
+    "images_to_uint8",
+    "make_optimizer",
     "normalize",
     "overlay",
     "pixel_auroc",
     "predict_folder",
-    "save_checkpoint",
+    "save_overlay",
     "seed_everything",
     "write_synthetic_dataset",
 ]

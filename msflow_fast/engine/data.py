@@ -13,11 +13,12 @@ Bad files and folders raise errors that name them: ``FileNotFoundError`` for mis
 masks, ``ValueError`` for empty folders, unreadable or truncated images and mask/image size
 mismatches.
 
-Non-finite images: decoded files are 8-bit, so they are always finite. Images from elsewhere (a
-custom Dataset, tensors) are checked by the engine once per batch with :func:`check_finite_images`,
-on the CPU before the batch moves to the device (no device sync); the error names the files when
-the batch carries their paths. ``MSFlow.forward`` itself checks only when asked
-(``model.check_finite = True`` or ``MSFLOW_FAST_CHECK_FINITE=1``).
+Non-finite images: decoded files are 8-bit, so they are always finite: these datasets say so
+(``images_are_finite``) and the engine does not check them. Images from elsewhere (a custom
+Dataset, tensors) are checked by the engine once per batch with :func:`check_finite_images`, on the
+CPU before the batch moves to the device (no device sync); the error names the files when the batch
+carries their paths. A model's forward pass checks only when asked (``model.check_finite = True``
+or ``MSFLOW_FAST_CHECK_FINITE=1``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+
+from .._sizes import image_size_hw
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,6 +47,7 @@ __all__ = [
     "MVTecDataset",
     "SyntheticDefects",
     "check_finite_images",
+    "decoded_finite",
     "denormalize",
     "image_size_hw",
     "list_images",
@@ -93,7 +97,7 @@ def check_finite_images(images: torch.Tensor, paths: Any = None, where: str = ""
 
     The engine calls this on every batch before moving it to the device: one pass over host memory,
     no device sync. Batches that already live on an accelerator are not checked here (that would
-    cost a sync per batch); there ``MSFlow`` checks when ``model.check_finite`` is set or
+    cost a sync per batch); there a model checks when ``model.check_finite`` is set or
     ``MSFLOW_FAST_CHECK_FINITE=1``, and ``fit`` stops on the resulting non-finite loss.
 
     Args:
@@ -122,6 +126,16 @@ def check_finite_images(images: torch.Tensor, paths: Any = None, where: str = ""
     )
 
 
+def decoded_finite(data: Any) -> bool:
+    """Whether ``data`` (a Dataset, or a DataLoader over one) yields images decoded from files or
+    generated in 8 bits, which are always finite, so the engine skips its NaN/inf pass over them.
+
+    A dataset says so with a true ``images_are_finite`` class attribute (this module's datasets do).
+    """
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    return bool(getattr(dataset, "images_are_finite", False))
+
+
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """ImageNet normalisation of ``[3, H, W]`` (or ``[B, 3, H, W]``) values in [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
@@ -134,19 +148,6 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
     return (image * std + mean).clamp(0.0, 1.0)
-
-
-def image_size_hw(input_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """``(H, W)`` from an int (square) or an ``(H, W)`` pair; ``ValueError`` otherwise."""
-    if isinstance(input_size, int) and not isinstance(input_size, bool):
-        size = (input_size, input_size)
-    elif isinstance(input_size, (tuple, list)) and len(input_size) == 2:
-        size = (input_size[0], input_size[1])
-    else:
-        size = None
-    if size is None or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
-        raise ValueError(f"input_size: expected a positive int or an (H, W) pair of positive ints, got {input_size!r}")
-    return size
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -225,6 +226,8 @@ class MVTecDataset(Dataset):
         input_size: size the model sees: an int S (square) or ``(H, W)`` (pixels).
     """
 
+    images_are_finite = True
+
     def __init__(self, root: str | os.PathLike, category: str | None = None, split: str = "train", input_size: int | tuple[int, int] = 512) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
@@ -238,7 +241,7 @@ class MVTecDataset(Dataset):
         split_dir = base / split
         if not split_dir.is_dir():
             raise FileNotFoundError(f"split folder not found: {split_dir} (expected the MVTec AD layout {split}/good, ...)")
-        self.root, self.category, self.split, self.input_size = root, category, split, input_size
+        self.root, self.category, self.split, self.input_size = root, category, split, self.size_hw
         self.base = base
         self.samples: list[tuple[Path, Path | None, int, str]] = []
         if split == "train":
@@ -282,8 +285,10 @@ class MVTecDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """Unlabelled images (a folder, or a list of files) for prediction; items have ``image`` and ``path``."""
 
+    images_are_finite = True
+
     def __init__(self, source: str | os.PathLike | list, input_size: int | tuple[int, int] = 512) -> None:
-        image_size_hw(input_size)
+        input_size = image_size_hw(input_size)
         if isinstance(source, (list, tuple)):
             files = [Path(p) for p in source]
             if not files:
@@ -397,6 +402,8 @@ class SyntheticDefects(Dataset):
         input_size: side of the square images (pixels).
         seed: the same seed gives the same images.
     """
+
+    images_are_finite = True
 
     def __init__(self, split: str = "train", num_images: int = 32, input_size: int = 128, seed: int = 0) -> None:
         if split not in ("train", "test"):

@@ -1,16 +1,14 @@
-"""Evaluation (image AUROC, pixel AUROC, AUPRO) and prediction with heat-map overlays.
+"""Evaluation on a labelled test set: image AUROC, pixel AUROC and AUPRO, routed by the model's ``metric_maps``.
 
-The model only needs ``model.predict(images [B, 3, H, W])`` returning an object with
-``anomaly_map`` ``[B, H, W]`` (add aggregation, used for pixel AUROC and the overlays),
-``anomaly_map_mul`` ``[B, H, W]`` (mul aggregation, used for AUPRO) and ``score`` ``[B]`` (image
-score); :class:`msflow_fast.model.MSFlow` provides it.
+The model needs ``predict(images [B, 3, H, W])`` returning a
+:class:`~msflow_fast.models.base.Prediction` (or any object with ``anomaly_map`` ``[B, H, W]``,
+``score`` ``[B]`` and, optionally, a ``maps`` dict). Pixel AUROC reads the map named by
+``model.metric_map("pixel_auroc")`` and AUPRO the one named by ``model.metric_map("aupro")``
+(``anomaly_map`` for models that name none).
 
-Metrics are fractions in [0, 1] (MSFlow's logs print percentages: multiply by 100). Maps are
-collected on CPU in float32 (preallocated when the data has a length) and masks as bool, about
-9 bytes per pixel, so a full MVTec class at 512 px needs roughly 250 MB.
-
-Input images on the CPU are checked for NaN/inf once per batch, before they move to the device
-(:func:`~msflow_fast.engine.data.check_finite_images`: no device sync; the error names the files).
+Metrics are fractions in [0, 1]. Maps are collected on CPU in float32 (preallocated when the data
+has a length) and masks as bool, about 5 bytes per pixel per map, so a full MVTec class at 512 px
+needs roughly 250 MB.
 """
 
 from __future__ import annotations
@@ -19,58 +17,114 @@ import csv
 import io
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
-from .data import ImageFolderDataset, check_finite_images
+from .._files import atomic_write_bytes, atomic_write_json
+from ..models.base import Prediction, as_batch, batch_paths
+from .data import check_finite_images, decoded_finite
 from .metrics import aupro, auroc
-from .train import batch_images, batch_paths
-from .visualize import save_overlay
+from .visualize import images_to_uint8, save_overlay
 
-__all__ = ["evaluate", "predict_folder"]
+__all__ = ["evaluate", "metric_map_name", "prediction_field"]
 
 
 def _device_of(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def place(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    """Move ``model`` to ``device`` unless it is there already (a move drops inference caches)."""
+    current = _device_of(model)
+    target = torch.device(device) if device is not None else current
+    if target != current:
+        model.to(target)
+    return target
+
+
+def metric_map_name(model: Any, metric: str) -> str:
+    """The prediction map that feeds ``metric`` (the model's ``metric_map``; ``anomaly_map`` by default)."""
+    if callable(getattr(model, "metric_map", None)):
+        return model.metric_map(metric)
+    return dict(getattr(model, "metric_maps", {}) or {}).get(metric, "anomaly_map")
+
+
+def prediction_field(pred: Any, name: str) -> torch.Tensor:
+    """``anomaly_map``, ``score`` or a named map of a prediction (a ``Prediction``, a dict, or an object)."""
+    if isinstance(pred, Prediction):
+        try:
+            return pred.get(name)
+        except KeyError as exc:
+            raise TypeError(f"model.predict: {exc.args[0]}") from None
+    if isinstance(pred, Mapping):
+        value = pred.get(name, (pred.get("maps") or {}).get(name))
+    else:
+        value = getattr(pred, name, None)
+        if value is None:
+            value = (getattr(pred, "maps", None) or {}).get(name)
+    if value is None:
+        raise TypeError(f"model.predict: the result has no '{name}' field")
+    return value
 
 
 def _loader(data: Any, batch_size: int, num_workers: int):
     if isinstance(data, DataLoader):
         return data
     if isinstance(data, Dataset):
-        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if isinstance(data, (torch.Tensor, dict)):
+        return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=torch.cuda.is_available())
+    if isinstance(data, (torch.Tensor, Mapping)):
         return [data]
     return data
 
 
-def _field(pred: Any, name: str) -> torch.Tensor:
-    value = pred.get(name) if isinstance(pred, dict) else getattr(pred, name, None)
-    if value is None:
-        raise TypeError(f"model.predict: the result has no '{name}' field")
-    return value
-
-
-def _strings(batch: Any, key: str, n: int) -> list[str]:
-    if isinstance(batch, dict) and key in batch:
+def _strings(batch: Mapping[str, Any], key: str, n: int) -> list[str]:
+    if key in batch:
         value = batch[key]
         return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)] * n
     return [""] * n
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> Path:
+    """Write a CSV file atomically."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(header)
     writer.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
+    return atomic_write_bytes(path, buf.getvalue().encode())
+
+
+class _MapStore:
+    """Per-image maps collected on the CPU: preallocated when the total is known, else chunks."""
+
+    def __init__(self, total: int | None) -> None:
+        self.total, self.filled = total, 0
+        self.full: torch.Tensor | None = None
+        self.chunks: list[torch.Tensor] = []
+
+    def add(self, values: torch.Tensor) -> None:
+        if self.total is None:
+            self.chunks.append(values)
+        else:
+            if self.full is None:
+                self.full = torch.zeros((self.total, *values.shape[1:]), dtype=values.dtype)
+            self.full[self.filled : self.filled + values.shape[0]] = values
+        self.filled += values.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        if self.total is None:
+            return torch.cat(self.chunks)
+        return self.full[: self.filled]
 
 
 @torch.no_grad()
@@ -97,21 +151,21 @@ def evaluate(
         pixel_metrics: compute pixel AUROC and AUPRO (needs masks).
         fpr_limit: AUPRO integration limit (0.3).
         out_dir: if given, writes ``metrics.json`` and ``scores.csv`` there (atomically) and, with
-            ``heatmaps=True`` and a Dataset, ``heatmaps/<defect>_<name>.png`` overlays.
+            ``heatmaps=True``, ``heatmaps/<defect>_<name>.png`` overlays of ``anomaly_map``.
+        heatmaps: write the overlays (the images are kept as uint8 while scoring, not read again).
 
     Returns:
         ``{"image_auroc", "pixel_auroc", "aupro"}`` as fractions in [0, 1] (``None`` when undefined,
-        e.g. a test set without anomalies), plus ``num_images``, ``num_anomalous``, ``seconds`` and
-        ``images_per_second``.
+        e.g. a test set without anomalies), ``maps`` (the map each pixel metric read),
+        ``num_images``, ``num_anomalous``, ``seconds`` and ``images_per_second``.
 
     Raises:
         ValueError: a batch of CPU images holds NaN or infinity (the message names the files when
-            the batches carry ``"path"``; batches already on the device are not checked).
+            the batches carry ``"path"``; decoded files and batches on the device are not checked).
     """
     if not callable(getattr(model, "predict", None)):
         raise TypeError(f"model: expected a module with a predict(images) method, got {type(model).__name__}")
-    device = torch.device(device) if device is not None else _device_of(model)
-    model.to(device)
+    device = place(model, device)
     was_training = model.training
     model.eval()
     loader = _loader(data, batch_size, num_workers)
@@ -120,15 +174,20 @@ def evaluate(
         total = len(data)  # type: ignore[arg-type]
     elif isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset):
         total = len(data.dataset)  # type: ignore[arg-type]
+    finite_data = decoded_finite(data)
+    routing = {"pixel_auroc": metric_map_name(model, "pixel_auroc"), "aupro": metric_map_name(model, "aupro")}
+    wanted = sorted(set(routing.values()) | ({"anomaly_map"} if heatmaps and out_dir is not None else set()))
 
     scores: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     paths: list[str] = []
     defects: list[str] = []
-    maps_add = maps_mul = masks = None
-    chunks_add, chunks_mul, chunks_mask = [], [], []
+    images_u8: list[np.ndarray] = []
+    stores = {name: _MapStore(total) for name in wanted}
+    masks = _MapStore(total)
     filled = 0
     have_masks = pixel_metrics
+    keep_images = heatmaps and out_dir is not None
     started = time.perf_counter()
     iterator = loader
     if progress:
@@ -136,18 +195,20 @@ def evaluate(
 
         iterator = tqdm(loader, desc="evaluate", leave=False, dynamic_ncols=True, total=len(loader) if hasattr(loader, "__len__") else None)
     try:
-        for index, batch in enumerate(iterator):
-            images = check_finite_images(batch_images(batch), batch_paths(batch), f"evaluation batch {index + 1}")
-            images = images.to(device)
+        for index, raw in enumerate(iterator):
+            batch = as_batch(raw)
+            images = batch["image"]
+            if not finite_data:
+                check_finite_images(images, batch_paths(batch), f"evaluation batch {index + 1}")
             n = images.shape[0]
-            pred = model.predict(images)
-            score = _field(pred, "score").detach().float().reshape(-1).cpu()
+            pred = model.predict(images.to(device, non_blocking=device.type == "cuda"))
+            score = prediction_field(pred, "score").detach().float().reshape(-1).cpu()
             if score.numel() != n:
                 raise ValueError(f"model.predict: score has {score.numel()} values for a batch of {n}")
-            mask = batch.get("mask") if isinstance(batch, dict) else None
+            mask = batch.get("mask")
             if mask is not None:
-                mask = mask.reshape(n, *mask.shape[-2:]).cpu() != 0
-            label = batch.get("label") if isinstance(batch, dict) else None
+                mask = torch.as_tensor(mask).reshape(n, *mask.shape[-2:]).cpu() != 0
+            label = batch.get("label")
             if label is None:
                 if mask is None:
                     raise ValueError("evaluate: each batch needs a 'label' or a 'mask' entry")
@@ -156,28 +217,22 @@ def evaluate(
             labels.append(torch.as_tensor(label).reshape(-1).long().cpu())
             paths.extend(_strings(batch, "path", n))
             defects.extend(_strings(batch, "defect", n))
+            if keep_images:
+                images_u8.extend(images_to_uint8(images))
             if have_masks and mask is None:
                 have_masks = False
-            if have_masks:
-                amap = _field(pred, "anomaly_map").detach().float().cpu()
-                mmap = _field(pred, "anomaly_map_mul").detach().float().cpu()
-                if amap.shape != mask.shape or mmap.shape != mask.shape:
+            for name in wanted:
+                if not ((have_masks and name in routing.values()) or (keep_images and name == "anomaly_map")):
+                    continue
+                values = prediction_field(pred, name).detach().float().cpu()
+                if mask is not None and values.shape != mask.shape:
                     raise ValueError(
-                        f"evaluate: anomaly maps {tuple(amap.shape)} / {tuple(mmap.shape)} do not match masks "
+                        f"evaluate: the model's {name!r} has shape {tuple(values.shape)} but the masks are "
                         f"{tuple(mask.shape)}; build the dataset with the model's input_size"
                     )
-                if total is not None:
-                    if maps_add is None:
-                        shape = (total, *mask.shape[1:])
-                        maps_add, maps_mul = torch.zeros(shape), torch.zeros(shape)
-                        masks = torch.zeros(shape, dtype=torch.bool)
-                    maps_add[filled : filled + n] = amap
-                    maps_mul[filled : filled + n] = mmap
-                    masks[filled : filled + n] = mask
-                else:
-                    chunks_add.append(amap)
-                    chunks_mul.append(mmap)
-                    chunks_mask.append(mask)
+                stores[name].add(values)
+            if mask is not None:
+                masks.add(mask)
             filled += n
     finally:
         if was_training:
@@ -185,17 +240,13 @@ def evaluate(
     seconds = time.perf_counter() - started
     if filled == 0:
         raise ValueError("evaluate: the data produced no image")
-    if have_masks and total is None:
-        maps_add, maps_mul, masks = torch.cat(chunks_add), torch.cat(chunks_mul), torch.cat(chunks_mask)
-        chunks_add, chunks_mul, chunks_mask = [], [], []
-    elif have_masks:
-        maps_add, maps_mul, masks = maps_add[:filled], maps_mul[:filled], masks[:filled]
     score_t, label_t = torch.cat(scores), torch.cat(labels)
     n_anom = int((label_t != 0).sum())
     result: dict[str, Any] = {
         "image_auroc": None,
         "pixel_auroc": None,
         "aupro": None,
+        "maps": routing,
         "num_images": filled,
         "num_anomalous": n_anom,
         "seconds": seconds,
@@ -204,86 +255,22 @@ def evaluate(
     }
     if 0 < n_anom < filled:
         result["image_auroc"] = auroc(score_t, label_t)
-    if have_masks and masks.any() and not masks.all():
-        result["pixel_auroc"] = auroc(maps_add, masks)
-        result["aupro"] = aupro(maps_mul, masks, fpr_limit=fpr_limit)
+    mask_t = masks.tensor() if have_masks else None
+    if mask_t is not None and mask_t.any() and not mask_t.all():
+        result["pixel_auroc"] = auroc(stores[routing["pixel_auroc"]].tensor(), mask_t)
+        result["aupro"] = aupro(stores[routing["aupro"]].tensor(), mask_t, fpr_limit=fpr_limit)
     result["metric_seconds"] = time.perf_counter() - started - seconds
 
     if out_dir is not None:
         out = Path(out_dir)
         atomic_write_json(out / "metrics.json", result)
         rows = [[p, d, int(l), f"{s:.8g}"] for p, d, l, s in zip(paths, defects, label_t.tolist(), score_t.tolist())]
-        _write_csv(out / "scores.csv", ["path", "defect", "label", "score"], rows)
-        if heatmaps and isinstance(data, Dataset) and maps_add is not None:
-            vmax = float(maps_add.max())
+        write_csv(out / "scores.csv", ["path", "defect", "label", "score"], rows)
+        if keep_images:
+            maps = stores["anomaly_map"].tensor()
+            vmax = float(maps.max())
             for i in range(filled):
-                item = data[i]
                 stem = Path(paths[i]).stem if paths[i] else f"{i:05d}"
-                save_overlay(out / "heatmaps" / f"{defects[i] or 'image'}_{stem}.png", item["image"], maps_add[i], mask=masks[i], vmax=vmax)
+                overlay_mask = mask_t[i] if mask_t is not None else None
+                save_overlay(out / "heatmaps" / f"{defects[i] or 'image'}_{stem}.png", images_u8[i], maps[i], mask=overlay_mask, vmax=vmax)
     return result
-
-
-@torch.no_grad()
-def predict_folder(
-    model: nn.Module,
-    source: str | os.PathLike | list,
-    out_dir: str | os.PathLike,
-    *,
-    input_size: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    vmax: float | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Score images (a folder, a file or a list of files) and write heat-map overlays.
-
-    Writes ``out_dir/heatmaps/<name>.png`` (image | overlay of ``anomaly_map``) and
-    ``out_dir/scores.csv`` (path, score). The colour range is ``[0, vmax]`` for every image, with
-    ``vmax`` = the largest map value over all images unless given, so overlays are comparable.
-
-    Args:
-        input_size: resize side; default = ``model.config.input_size``.
-
-    Returns:
-        One dict per image: ``path``, ``score``, ``heatmap`` (the PNG written).
-
-    Raises:
-        ValueError: an image holds NaN or infinity after loading (the message names the file).
-    """
-    if input_size is None:
-        config = getattr(model, "config", None)
-        input_size = getattr(config, "input_size", None)
-        if input_size is None:
-            raise ValueError("input_size: the model has no config.input_size; pass input_size")
-    dataset = ImageFolderDataset(source, input_size=input_size)
-    device = torch.device(device) if device is not None else _device_of(model)
-    model.to(device)
-    was_training = model.training
-    model.eval()
-    maps: list[torch.Tensor] = []
-    scores: list[float] = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True)
-    try:
-        for batch in loader:
-            images = check_finite_images(batch["image"], batch_paths(batch))
-            pred = model.predict(images.to(device))
-            maps.extend(_field(pred, "anomaly_map").detach().float().cpu().half())
-            scores.extend(_field(pred, "score").detach().float().reshape(-1).cpu().tolist())
-    finally:
-        if was_training:
-            model.train()
-    out = Path(out_dir)
-    top = vmax if vmax is not None else max(float(m.float().max()) for m in maps)
-    results = []
-    used: set[str] = set()
-    for i, (path, amap, score) in enumerate(zip(dataset.files, maps, scores)):
-        name = path.stem if path.stem not in used else f"{path.stem}_{i}"
-        used.add(name)
-        png = save_overlay(out / "heatmaps" / f"{name}.png", dataset[i]["image"], amap.float(), vmax=top)
-        results.append({"path": str(path), "score": score, "heatmap": str(png)})
-    _write_csv(out / "scores.csv", ["path", "score", "heatmap"], [[r["path"], f"{r['score']:.8g}", r["heatmap"]] for r in results])
-    return results

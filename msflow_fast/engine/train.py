@@ -1,33 +1,40 @@
-"""Training loop with MSFlow's official schedule, atomic checkpoints, resume, AMP and DDP.
+"""Training: the model's recipe, stage by stage, with atomic checkpoints, exact resume, AMP and DDP.
 
-The model only needs ``model.loss(images: [B, 3, H, W]) -> scalar`` (the batch-mean NLL, in nats)
-and trainable parameters; :class:`msflow_fast.model.MSFlow` provides it.
+The engine knows a model through :mod:`msflow_fast.models.base` only: ``fit`` takes its defaults
+from ``model.recipe()`` (one or more stages, each with its optimizer, schedule, length, batch size
+and gradient clipping; arguments of ``fit`` override them), calls ``model.set_stage(name)`` before
+each stage and ``model.loss(batch)`` on every batch dict (``"image"`` and, where the data has
+them, ``"mask"``, ``"label"``, ``"path"``). A module that only has ``loss`` trains with
+:data:`DEFAULT_RECIPE`.
 
-Official schedule (per epoch = one MSFlow "sub-epoch", 100 in total): Adam lr 1e-4; LinearLR warm-up
-from 0.1 to 1.0 over the first 12 epochs; MultiStepLR at epochs 70 and 90 with gamma 0.33; gradient
-norm clipped to 2 every step. For ``epochs != 100`` the warm-up length and milestones scale
-proportionally (rounded).
+Checkpoints: after every epoch, rank 0 writes ``out_dir/last.pt`` with
+:func:`msflow_fast.models.checkpoint.save`: the model and a ``"training"`` entry (the stage, the
+last finished epoch in it, optimizer / scheduler / scaler states and the loss history). A
+checkpoint replaces the previous one only when every parameter is finite, so ``last.pt`` always
+holds the last good weights. With a ``seed`` the shuffling order of each epoch is a function of
+(seed, stage, epoch), so a resumed run sees the batches an uninterrupted one would.
 
 Distributed training: when ``torch.distributed`` is initialised (``torchrun``), the loss is computed
 through :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, NCCL on GPU), a Dataset gets
-a :class:`~torch.utils.data.DistributedSampler`, ``batch_size`` is per process, and only rank 0 writes
+a :class:`~torch.utils.data.DistributedSampler`, the batch size is per process, and only rank 0 writes
 checkpoints.
 
 Per step the loop reads the device once (the reported loss and the gradient norm together, to stop
 on a non-finite value before the step is applied). Input images on the CPU are checked for NaN/inf
-before they move to the device (see :func:`msflow_fast.engine.data.check_finite_images`).
+before they move to the device, except from datasets of decoded files (8-bit, always finite).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import itertools
 import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,116 +44,63 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-from ..model import load_checkpoint_state
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from .data import check_finite_images
+from ..models import checkpoint as model_checkpoint
+from ..models.base import TrainRecipe, TrainStage, as_batch, batch_paths
+from .data import check_finite_images, decoded_finite
+from .optim import EpochSchedule, make_optimizer
 
-__all__ = ["FitResult", "OfficialSchedule", "batch_images", "batch_paths", "fit"]
+__all__ = ["CHECKPOINT_NAME", "DEFAULT_RECIPE", "FitResult", "batch_to_device", "fit", "seed_everything"]
 
-
-class OfficialSchedule:
-    """Learning-rate factor per epoch: linear warm-up times step decay (picklable, for ``LambdaLR``).
-
-    ``factor(e) = (start + (1 - start) * min(e, W) / W) * gamma ** #{m in milestones: m <= e}``, the
-    closed form of ``LinearLR(start_factor=start, total_iters=W)`` chained with
-    ``MultiStepLR(milestones, gamma)``.
-
-    Args:
-        epochs: total epochs; used to scale the official 12 / (70, 90) out of 100 when the explicit
-            values are not given.
-        warmup_epochs: W; ``None`` = ``round(0.12 * epochs)``; 0 disables the warm-up.
-        milestones: decay epochs; ``None`` = ``(round(0.7 * epochs), round(0.9 * epochs))``.
-        gamma: decay factor at each milestone.
-        warmup_start: factor at epoch 0.
-    """
-
-    def __init__(
-        self,
-        epochs: int = 100,
-        warmup_epochs: int | None = None,
-        milestones: Iterable[int] | None = None,
-        gamma: float = 0.33,
-        warmup_start: float = 0.1,
-    ) -> None:
-        if epochs <= 0:
-            raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
-        self.warmup_epochs = int(round(0.12 * epochs)) if warmup_epochs is None else int(warmup_epochs)
-        if milestones is None:
-            milestones = (int(round(0.7 * epochs)), int(round(0.9 * epochs)))
-        self.milestones = tuple(sorted(int(m) for m in milestones))
-        self.gamma, self.warmup_start = float(gamma), float(warmup_start)
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: expected >= 0, got {warmup_epochs!r}")
-
-    def __call__(self, epoch: int) -> float:
-        if self.warmup_epochs > 0:
-            warm = self.warmup_start + (1.0 - self.warmup_start) * min(epoch, self.warmup_epochs) / self.warmup_epochs
-        else:
-            warm = 1.0
-        return warm * self.gamma ** sum(1 for m in self.milestones if m <= epoch)
+CHECKPOINT_NAME = "last.pt"
+DEFAULT_RECIPE = TrainRecipe((TrainStage(name="train", epochs=100, batch_size=8, optimizer="adam", lr=1e-4),))
+"""For modules with ``loss`` but no ``recipe()``: Adam 1e-4, 100 epochs, batch 8, constant rate, no clipping."""
 
 
 @dataclass
 class FitResult:
-    """What :func:`fit` did: per-epoch mean losses and learning rates of the epochs run in this call."""
+    """What :func:`fit` did.
+
+    Attributes:
+        epochs: total epochs of the stages planned (over all stages).
+        start_epoch: epochs already done when this call started (0, or where a resume continued).
+        losses, lrs: per-epoch mean loss and learning rate of the epochs run in this call.
+        stages: ``(stage name, epochs run in this call)`` in order.
+        checkpoint: ``last.pt`` (``None`` without ``out_dir``).
+        seconds: wall time of the epochs.
+    """
 
     epochs: int
     start_epoch: int
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    stages: list[tuple[str, int]] = field(default_factory=list)
     checkpoint: str | None = None
     seconds: float = 0.0
 
 
 class _LossForward(nn.Module):
-    """``forward(images) = model.loss(images)``, so DDP sees the loss computation as a forward."""
+    """``forward(batch) = model.loss(batch)``, so DDP sees the loss computation as a forward."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(images)
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.model.loss(batch)
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global RNG (flow permutations are drawn from it, as in
-    FrEIA 0.2) and torch (all devices), as the official training script does."""
+    FrEIA 0.2) and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def batch_paths(batch: Any) -> list[str] | None:
-    """The ``"path"`` entries of a dict batch (file names for error messages), else ``None``."""
-    if isinstance(batch, dict):
-        value = batch.get("path")
-        if isinstance(value, (list, tuple)):
-            return [str(v) for v in value]
-        if isinstance(value, str):
-            return [value]
-    return None
-
-
-def batch_images(batch: Any) -> torch.Tensor:
-    """The image tensor ``[B, 3, H, W]`` of a batch: a tensor, a dict with ``"image"``, or a tuple/list whose first item is it."""
-    if isinstance(batch, torch.Tensor):
-        images = batch
-    elif isinstance(batch, dict):
-        if "image" not in batch:
-            raise KeyError(f"batch dict has no 'image' entry (keys: {sorted(batch)})")
-        images = batch["image"]
-    elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        images = batch[0]
-    else:
-        raise TypeError(
-            f"batch: expected a tensor [B, 3, H, W], a dict with 'image' or a (images, ...) tuple, got {type(batch).__name__}"
-        )
-    if images.dim() == 3:
-        images = images.unsqueeze(0)
-    if images.dim() != 4:
-        raise ValueError(f"batch images: expected [B, 3, H, W], got shape {tuple(images.shape)}")
-    return images
+def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on ``device`` (other entries as they are)."""
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _dist_info() -> tuple[bool, int, int]:
@@ -155,32 +109,57 @@ def _dist_info() -> tuple[bool, int, int]:
     return False, 0, 1
 
 
-def _make_loader(data: Any, batch_size: int, shuffle: bool, num_workers: int, seed: int | None, distributed: bool, rank: int, world: int):
-    """A re-iterable source of batches and its sampler (for ``set_epoch``), from a Dataset, DataLoader or iterable."""
-    if isinstance(data, DataLoader):
-        if distributed and not isinstance(data.sampler, DistributedSampler) and not isinstance(data.dataset, IterableDataset):
-            sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed or 0)
-            loader = DataLoader(
-                data.dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
-                collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
-            )
-            return loader, sampler
-        return data, data.sampler if isinstance(data.sampler, DistributedSampler) else None
-    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
-        if len(data) == 0:  # type: ignore[arg-type]
-            raise ValueError("data: the dataset is empty")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        if distributed:
-            sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed or 0)
-            return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers), sampler
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator), None
-    if isinstance(data, IterableDataset):
-        return DataLoader(data, batch_size=batch_size, num_workers=num_workers), None
-    if isinstance(data, (torch.Tensor, dict)):
-        return [data], None
-    if isinstance(data, Iterable):
-        return data, None
-    raise TypeError(f"data: expected a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}")
+def _epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
+    return (int(seed) * 1_000_003 + stage_index * 10_007 + epoch) % (2**63)
+
+
+class _Loader:
+    """A re-iterable source of batches for one stage; ``start_epoch(e)`` fixes epoch e's order."""
+
+    def __init__(self, data: Any, stage: TrainStage, shuffle: bool, num_workers: int, seed: int | None, stage_index: int) -> None:
+        distributed, rank, world = _dist_info()
+        self.sampler: DistributedSampler | None = None
+        self.generator: torch.Generator | None = None
+        self.seed, self.stage_index = seed, stage_index
+        self.one_shot = False
+        if isinstance(data, DataLoader):
+            self.loader: Any = data
+            if distributed and not isinstance(data.sampler, DistributedSampler) and not isinstance(data.dataset, IterableDataset):
+                self.sampler = DistributedSampler(data.dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed or 0)
+                self.loader = DataLoader(
+                    data.dataset, batch_size=data.batch_size, sampler=self.sampler, num_workers=data.num_workers,
+                    collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
+                )
+            elif isinstance(data.sampler, DistributedSampler):
+                self.sampler = data.sampler
+        elif isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+            if len(data) == 0:  # type: ignore[arg-type]
+                raise ValueError("data: the dataset is empty")
+            pin = torch.cuda.is_available()
+            if distributed:
+                self.sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed or 0, drop_last=stage.drop_last)
+                self.loader = DataLoader(data, batch_size=stage.batch_size, sampler=self.sampler, num_workers=num_workers, pin_memory=pin)
+            else:
+                self.generator = torch.Generator() if seed is not None else None
+                self.loader = DataLoader(
+                    data, batch_size=stage.batch_size, shuffle=shuffle, num_workers=num_workers,
+                    generator=self.generator, drop_last=stage.drop_last, pin_memory=pin,
+                )
+        elif isinstance(data, IterableDataset):
+            self.loader = DataLoader(data, batch_size=stage.batch_size, num_workers=num_workers)
+        elif isinstance(data, (torch.Tensor, Mapping)):
+            self.loader = [data]
+        elif isinstance(data, Iterable):
+            self.loader = data
+            self.one_shot = iter(data) is data
+        else:
+            raise TypeError(f"data: expected a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}")
+
+    def start_epoch(self, epoch: int) -> None:
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(self.stage_index * 100_000 + epoch)
+        if self.generator is not None:
+            self.generator.manual_seed(_epoch_seed(self.seed, self.stage_index, epoch))
 
 
 def _amp_dtype(amp: Any) -> torch.dtype | None:
@@ -194,24 +173,73 @@ def _amp_dtype(amp: Any) -> torch.dtype | None:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
     return torch.device("cpu")
+
+
+def _plan(
+    model: nn.Module, stages: Sequence[str] | None, overrides: dict[str, Any], grad_clip: float | bool | None
+) -> list[tuple[int, TrainStage]]:
+    """``(index in the recipe, stage with the overrides)`` for every stage to run."""
+    recipe = model.recipe() if callable(getattr(model, "recipe", None)) else DEFAULT_RECIPE
+    if not isinstance(recipe, TrainRecipe):
+        raise TypeError(f"model.recipe() must return a TrainRecipe, got {type(recipe).__name__}")
+    names = [s.name for s in recipe.stages]
+    if stages is not None:
+        unknown = [s for s in stages if s not in names]
+        if unknown:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; the recipe has {names}")
+    chosen = [(i, s) for i, s in enumerate(recipe.stages) if stages is None or s.name in stages]
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if grad_clip is not None and grad_clip is not True and grad_clip is not False:
+        changes["grad_clip"] = grad_clip
+    try:
+        planned = [(i, s.replace(**changes) if changes else s) for i, s in chosen]
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"fit: {exc}") from None
+    if grad_clip is False:
+        planned = [(i, dataclasses.replace(s, grad_clip=None)) for i, s in planned]
+    return planned
+
+
+def _training_entry(state: Mapping[str, Any], first_stage: str, source: str) -> dict[str, Any]:
+    training = state.get("training")
+    if not isinstance(training, Mapping):
+        raise ValueError(
+            f"resume: {source} is a model checkpoint without training state (no 'training' entry); "
+            "load the model from it and start a new fit instead"
+        )
+    training = dict(training)
+    if "stage" not in training:  # format 2: one stage, history {"loss", "lr"}
+        training["stage"] = first_stage
+        training["history"] = {first_stage: training.get("history") or {"loss": [], "lr": []}}
+    return training
+
+
+# Where the initial backbone weights came from does not change the model a checkpoint restores.
+_WEIGHT_SOURCE_KEYS = ("pretrained",)
+
+
+def _architecture(config: Mapping[str, Any]) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items() if k not in _WEIGHT_SOURCE_KEYS}
 
 
 def fit(
     model: nn.Module,
     data: Any,
     *,
-    epochs: int = 100,
-    lr: float = 1e-4,
-    batch_size: int = 8,
-    shuffle: bool = True,
-    num_workers: int = 0,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    grad_clip: float | bool | None = None,
     warmup_epochs: int | None = None,
     milestones: Iterable[int] | None = None,
-    gamma: float = 0.33,
-    grad_clip: float | None = 2.0,
+    gamma: float | None = None,
+    stages: Sequence[str] | None = None,
+    shuffle: bool = True,
+    num_workers: int = 0,
     out_dir: str | os.PathLike | None = None,
     resume: bool | str | os.PathLike | Mapping = False,
     amp: str | bool | None = None,
@@ -220,25 +248,26 @@ def fit(
     progress: bool = True,
     find_unused_parameters: bool = False,
 ) -> FitResult:
-    """Train ``model`` on normal images with MSFlow's official schedule.
+    """Train ``model`` on normal images (and, for supervised models, their masks and labels).
 
     Args:
-        model: an ``nn.Module`` with ``loss(images [B, 3, H, W]) -> scalar`` (batch-mean NLL, nats).
+        model: a registered :class:`~msflow_fast.models.base.AnomalyModel` (or any module with
+            ``loss(batch) -> scalar``; checkpoints need a registered model).
         data: a Dataset (items: tensor or dict with ``"image"``), a DataLoader, or any re-iterable of
             batches (tensors ``[B, 3, H, W]`` or dicts with ``"image"``).
-        epochs: total number of epochs (MSFlow: 100 sub-epochs). With ``resume`` training continues
-            up to this total.
-        lr: Adam learning rate (1e-4).
-        batch_size: per process; used only when ``data`` is a Dataset.
-        warmup_epochs, milestones, gamma: schedule (see :class:`OfficialSchedule`).
-        grad_clip: max gradient norm per step (2); ``None`` disables clipping.
+        epochs, lr, batch_size, weight_decay: override every planned stage's setting (``None``:
+            the recipe's). ``batch_size`` applies when ``data`` is a Dataset.
+        grad_clip: maximum gradient norm per step; ``None``: the recipe's; ``False``: no clipping.
+        warmup_epochs, milestones, gamma: override the schedule (in epochs; see
+            :class:`~msflow_fast.engine.optim.EpochSchedule`).
+        stages: names of the recipe's stages to run (default: all, in order).
         out_dir: folder for ``last.pt`` (written atomically after every epoch); ``None`` = no checkpoints.
-        resume: ``True`` continues from ``out_dir/last.pt`` if it exists (after its last finished
-            epoch); a path continues from that checkpoint; a dict already read by
-            :func:`~msflow_fast.engine.load_checkpoint` continues from it without reading the file again.
+        resume: ``True`` continues from ``out_dir/last.pt`` if it exists; a path continues from that
+            checkpoint; a dict already read by :func:`msflow_fast.models.checkpoint.read`
+            continues from it without reading the file again.
         amp: ``None`` (fp32), ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler).
         device: where to train; default = the model's device.
-        seed: seeds the shuffling order.
+        seed: fixes the shuffling order of every epoch (exact resume).
         progress: tqdm progress bars and one summary line per epoch (rank 0 only).
         find_unused_parameters: passed to DDP.
 
@@ -246,153 +275,193 @@ def fit(
         A :class:`FitResult`.
 
     Raises:
-        ValueError: a batch of CPU images holds NaN or infinity (the message names the files when
-            the batches carry ``"path"``). Batches already on the device are not checked (it would
-            cost a sync per step); NaN there shows up as a non-finite loss.
-        RuntimeError: non-finite loss or gradient norm. The step is not applied, and the last
-            good checkpoint (if any) stays in ``out_dir`` and can be resumed.
+        ValueError: bad arguments, or a batch of CPU images holding NaN or infinity (named by file).
+        RuntimeError: a non-finite loss, gradient norm or weights. The step (or the checkpoint)
+            is not applied, and the last good checkpoint stays in ``out_dir``.
     """
     if not callable(getattr(model, "loss", None)):
-        raise TypeError(f"model: expected a module with a loss(images) method, got {type(model).__name__}")
-    if not isinstance(epochs, int) or epochs <= 0:
+        raise TypeError(f"model: expected a module with a loss(batch) method, got {type(model).__name__}")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0):
         raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
-    if lr <= 0:
-        raise ValueError(f"lr: expected a positive float, got {lr!r}")
+    if isinstance(grad_clip, (int, float)) and not isinstance(grad_clip, bool) and not grad_clip > 0:
+        raise ValueError(f"grad_clip: expected a positive max norm (or False for no clipping), got {grad_clip!r}")
     if resume and out_dir is None and not isinstance(resume, (str, os.PathLike, Mapping)):
         raise ValueError("resume=True needs out_dir (where last.pt lives) or a checkpoint path")
+    if out_dir is not None and not getattr(model, "name", ""):
+        raise TypeError(
+            f"out_dir: checkpoints need a registered model (msflow_fast.models.registry), got {type(model).__name__}; "
+            "pass out_dir=None or register the model"
+        )
+    plan = _plan(model, stages, {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay}, grad_clip)
     amp_dtype = _amp_dtype(amp)
     distributed, rank, world = _dist_info()
     device = torch.device(device) if device is not None else _device_of(model)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: has no trainable parameter (requires_grad=True)")
-
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = OfficialSchedule(epochs, warmup_epochs, milestones, gamma)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    if _device_of(model) != device:
+        model.to(device)
 
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
-    start_epoch, history = 0, {"loss": [], "lr": []}
     state: Mapping | None = None
     if isinstance(resume, Mapping):
         state = resume  # already read (e.g. by the CLI, which built the model from it): no second read
     elif isinstance(resume, (str, os.PathLike)):
-        state = load_checkpoint(resume, map_location=device)
+        state = model_checkpoint.read(resume, map_location=device)
     elif resume and ckpt_path is not None and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = model_checkpoint.read(ckpt_path, map_location=device)
     resume_path = state.get("path", "the given checkpoint") if state is not None else None
+    training: dict[str, Any] | None = None
     if state is not None:
-        training = state.get("training")
-        if not isinstance(training, dict):
-            raise ValueError(
-                f"resume: {resume_path} is a model checkpoint without training state (no 'training' entry); "
-                "load the model from it and start a new fit instead"
-            )
+        training = _training_entry(state, plan[0][1].name, resume_path)
         config = getattr(model, "config", None)
-        if state.get("config") is not None and config is not None and hasattr(config, "to_dict") and _architecture(config.to_dict()) != _architecture(state["config"]):
-            raise ValueError(f"resume: the model's config differs from the one saved in {resume_path}; build the model from the checkpoint config")
-        load_checkpoint_state(model, state)
-        if training.get("optimizer") is not None:
-            optimizer.load_state_dict(training["optimizer"])
-        if scaler is not None and training.get("scaler") is not None:
-            scaler.load_state_dict(training["scaler"])
-        start_epoch = int(training["epoch"]) + 1
-        history = training.get("history") or history
-        # The schedule is a pure function of the epoch: set it for this run's total epochs.
-        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * schedule(start_epoch)
-        scheduler.last_epoch = start_epoch
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    result = FitResult(epochs=epochs, start_epoch=start_epoch, checkpoint=str(ckpt_path) if ckpt_path else None)
+        if config is not None and hasattr(config, "to_dict") and _architecture(config.to_dict()) != _architecture(state["config"]):
+            raise ValueError(f"resume: the model's config differs from the one saved in {resume_path}; build the model from the checkpoint")
+        model_checkpoint.load_weights(model, state)
+        if training["stage"] not in [s.name for _, s in plan]:
+            raise ValueError(f"resume: {resume_path} stopped in stage {training['stage']!r}, which is not among the stages to run {[s.name for _, s in plan]}")
+    history: dict[str, dict[str, list[float]]] = dict(training["history"]) if training else {}
+
+    total_epochs = sum(s.epochs for _, s in plan)
+    done = 0
+    start_position = 0  # stage position in the plan
+    start_epoch_in_stage = 0
+    if training is not None:
+        start_position = [s.name for _, s in plan].index(training["stage"])
+        start_epoch_in_stage = int(training["epoch"]) + 1
+        done = sum(s.epochs for _, s in plan[:start_position]) + start_epoch_in_stage
+    result = FitResult(epochs=total_epochs, start_epoch=done, checkpoint=str(ckpt_path) if ckpt_path else None)
     show = progress and rank == 0
     if resume_path is not None and show:
-        _write(f"resumed from {resume_path} after epoch {start_epoch} of {epochs}")
+        _write(f"resumed from {resume_path} after {done} of {total_epochs} epochs (stage {training['stage']!r})")
 
     loss_module: nn.Module = _LossForward(model)
     if distributed:
         loss_module = _wrap_ddp(loss_module, model, device, find_unused_parameters)
-    loader, sampler = _make_loader(data, batch_size, shuffle, num_workers, seed, distributed, rank, world)
-    if epochs - start_epoch > 1 and iter(loader) is loader:
-        raise TypeError("data: a one-shot iterator can only be used for one epoch; pass a list, Dataset or DataLoader")
-
-    started = time.perf_counter()
+    finite_data = decoded_finite(data)
     last_good = str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file() else None
-    model.train()
-    for epoch in range(start_epoch, epochs):
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        lr_now = optimizer.param_groups[0]["lr"]
-        total, count = 0.0, 0
-        bar = _progress(loader, epoch, epochs, show)
-        for step, batch in enumerate(bar):
-            images = batch_images(batch)
-            # On the CPU (before the copy): a cheap pass over host memory, no device sync.
-            check_finite_images(images, batch_paths(batch), f"training batch {step + 1} of epoch {epoch + 1}")
-            images = images.to(device, non_blocking=True)
-            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-            with autocast:
-                loss = loss_module(images)
-            loss = loss.float()
-            if loss.dim() != 0:
-                raise ValueError(f"model.loss: expected a scalar, got shape {tuple(loss.shape)}")
-            reported = loss.detach().clone()
+    started = time.perf_counter()
+    for position in range(start_position, len(plan)):
+        stage_index, stage = plan[position]
+        first_epoch = start_epoch_in_stage if position == start_position else 0
+        if first_epoch >= stage.epochs:
+            continue
+        if callable(getattr(model, "set_stage", None)):
+            model.set_stage(stage.name)
+        params = model.stage_parameters(stage.name) if callable(getattr(model, "stage_parameters", None)) else [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"model: stage {stage.name!r} has no trainable parameter (requires_grad=True)")
+        optimizer = make_optimizer(stage, params)
+        schedule = EpochSchedule.for_stage(stage, warmup_epochs=warmup_epochs, milestones=milestones, gamma=gamma)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        if training is not None and position == start_position and first_epoch > 0:
+            if training.get("optimizer") is not None:
+                optimizer.load_state_dict(training["optimizer"])
+            if scaler is not None and training.get("scaler") is not None:
+                scaler.load_state_dict(training["scaler"])
+            # The schedule is a pure function of the epoch: set it for this run's stage length.
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * schedule(first_epoch)
+            scheduler.last_epoch = first_epoch
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        loader = _Loader(data, stage, shuffle, num_workers, seed, stage_index)
+        if loader.one_shot and total_epochs - done > 1:
+            raise TypeError("data: a one-shot iterator can only be used for one epoch; pass a list, Dataset or DataLoader")
+        stage_history = history.setdefault(stage.name, {"loss": [], "lr": []})
+        model.train()
+        for epoch in range(first_epoch, stage.epochs):
+            loader.start_epoch(epoch)
+            lr_now = optimizer.param_groups[0]["lr"]
+            mean_loss = _run_epoch(
+                loss_module, loader.loader, optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
+                finite_data, last_good, show, f"{stage.name} " if len(plan) > 1 else "", epoch,
+            )
+            scheduler.step()
+            stage_history["loss"].append(mean_loss)
+            stage_history["lr"].append(lr_now)
+            result.losses.append(mean_loss)
+            result.lrs.append(lr_now)
+            done += 1
+            if ckpt_path is not None and rank == 0:
+                _check_finite_weights(params, stage, epoch, last_good)
+                training_state = {
+                    "stage": stage.name,
+                    "epoch": epoch,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "history": history,
+                    "seed": seed,
+                }
+                model_checkpoint.save(model, ckpt_path, training=training_state)
+                last_good = str(ckpt_path)
             if distributed:
-                torch.distributed.all_reduce(reported)
-                reported /= world
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            # One device -> host read per step: the reported loss, and (without a GradScaler, which
-            # skips steps with inf/NaN gradients itself) the gradient norm, in one transfer.
-            if grad_clip is not None:
-                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            if grad_clip is not None and scaler is None:
-                value, norm_value = torch.stack([reported, norm.detach().to(reported.device, torch.float32)]).tolist()
-            else:
-                value, norm_value = reported.item(), 0.0
-            if not math.isfinite(value) or not math.isfinite(norm_value):
-                optimizer.zero_grad(set_to_none=True)
-                what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", norm_value)
-                raise RuntimeError(_non_finite_message(what, bad, epoch, step, last_good))
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            total += value
-            count += 1
-            if show and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr_now:.3g}")
-        if count == 0:
-            raise ValueError("data: produced no batch in this epoch")
-        scheduler.step()
-        mean_loss = total / count
-        history["loss"].append(mean_loss)
-        history["lr"].append(lr_now)
-        result.losses.append(mean_loss)
-        result.lrs.append(lr_now)
-        if ckpt_path is not None and rank == 0:
-            save_checkpoint(ckpt_path, model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, epoch=epoch, history=history)
-            last_good = str(ckpt_path)
-        if distributed:
-            torch.distributed.barrier()
-        if show:
-            _write(f"epoch {epoch + 1}/{epochs}  loss {mean_loss:.6g}  lr {lr_now:.3g}  ({time.perf_counter() - started:.1f} s)")
+                torch.distributed.barrier()
+            if show:
+                where = f"{stage.name} " if len(plan) > 1 else ""
+                _write(f"{where}epoch {epoch + 1}/{stage.epochs}  loss {mean_loss:.6g}  lr {lr_now:.3g}  ({time.perf_counter() - started:.1f} s)")
+        result.stages.append((stage.name, stage.epochs - first_epoch))
     result.seconds = time.perf_counter() - started
     return result
 
 
-# Where the initial backbone weights came from does not change the model a checkpoint restores.
-_WEIGHT_SOURCE_KEYS = ("pretrained",)
+def _run_epoch(
+    loss_module, loader, optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
+    finite_data, last_good, show, prefix, epoch,
+) -> float:
+    total, count = 0.0, 0
+    bar = _progress(loader, f"{prefix}epoch {epoch + 1}/{stage.epochs}", show)
+    for step, raw in enumerate(bar):
+        batch = as_batch(raw)
+        if not finite_data:
+            # On the CPU (before the copy): a cheap pass over host memory, no device sync.
+            check_finite_images(batch["image"], batch_paths(batch), f"training batch {step + 1} of epoch {epoch + 1}")
+        batch = batch_to_device(batch, device)
+        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        with autocast:
+            loss = loss_module(batch)
+        loss = loss.float()
+        if loss.dim() != 0:
+            raise ValueError(f"model.loss: expected a scalar, got shape {tuple(loss.shape)}")
+        reported = loss.detach().clone()
+        if distributed:
+            torch.distributed.all_reduce(reported)
+            reported /= world
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        # One device -> host read per step: the reported loss, and (without a GradScaler, which
+        # skips steps with inf/NaN gradients itself) the gradient norm, in one transfer.
+        norm = torch.nn.utils.clip_grad_norm_(params, stage.grad_clip) if stage.grad_clip is not None else None
+        if norm is not None and scaler is None:
+            value, norm_value = torch.stack([reported, norm.detach().to(reported.device, torch.float32)]).tolist()
+        else:
+            value, norm_value = reported.item(), 0.0
+        if not math.isfinite(value) or not math.isfinite(norm_value):
+            optimizer.zero_grad(set_to_none=True)
+            what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", norm_value)
+            raise RuntimeError(_non_finite_message(what, bad, f"epoch {epoch + 1}, step {step + 1}", last_good))
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total += value
+        count += 1
+        if show and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{value:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    if count == 0:
+        raise ValueError("data: produced no batch in this epoch")
+    return total / count
 
 
-def _architecture(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _WEIGHT_SOURCE_KEYS}
+def _check_finite_weights(params: list[torch.Tensor], stage: TrainStage, epoch: int, last_good: str | None) -> None:
+    """Refuse to checkpoint non-finite weights (one reduction, one read per epoch)."""
+    with torch.no_grad():
+        finite = bool(torch.isfinite(torch.stack([p.detach().float().abs().amax() for p in params if p.numel()])).all())
+    if not finite:
+        raise RuntimeError(_non_finite_message("weights", float("nan"), f"the end of epoch {epoch + 1} (stage {stage.name!r})", last_good))
 
 
 def _wrap_ddp(loss_module: nn.Module, model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
@@ -411,26 +480,25 @@ def _wrap_ddp(loss_module: nn.Module, model: nn.Module, device: torch.device, fi
     return ddp(loss_module, device_ids=[device.index] if device.type == "cuda" else None, **options)
 
 
-def _non_finite_message(what: str, value: float, epoch: int, step: int, last_good: str | None) -> str:
-    where = f"epoch {epoch + 1}, step {step + 1}"
+def _non_finite_message(what: str, value: float, where: str, last_good: str | None) -> str:
     restore = (
-        f"The last good checkpoint is {last_good}; continue from it with resume=True (CLI: --resume) "
+        f"The last good checkpoint is {last_good} (not replaced); continue from it with resume=True (CLI: --resume) "
         if last_good
         else "No checkpoint was written yet (pass out_dir to keep one per epoch). "
     )
     return (
-        f"non-finite training {what} ({value}) at {where}; this step was not applied. {restore}"
-        "after lowering the learning rate, disabling AMP or checking the input images for NaN/Inf."
+        f"non-finite training {what} ({value}) at {where}; {'this step was not applied' if what != 'weights' else 'no checkpoint was written'}. "
+        f"{restore}after lowering the learning rate, disabling AMP or checking the input images for NaN/Inf."
     )
 
 
-def _progress(loader: Any, epoch: int, epochs: int, show: bool):
+def _progress(loader: Any, desc: str, show: bool):
     if not show:
         return loader
     from tqdm.auto import tqdm
 
     total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+    return tqdm(loader, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _write(message: str) -> None:

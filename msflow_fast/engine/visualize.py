@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -9,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import denormalize
+from .._files import atomic_write_bytes
+from .data import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
-__all__ = ["apply_colormap", "overlay", "save_overlay"]
+__all__ = ["apply_colormap", "images_to_uint8", "overlay", "save_overlay"]
 
 # Control points of a perceptually ordered blue -> cyan -> green -> yellow -> red map.
 _STOPS = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
@@ -31,6 +33,17 @@ def apply_colormap(values: np.ndarray) -> np.ndarray:
     v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0, 1.0)
     rgb = np.stack([np.interp(v, _STOPS, _COLOURS[:, c]) for c in range(3)], axis=-1)
     return (rgb * 255.0 + 0.5).astype(np.uint8)
+
+
+def images_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Normalised images ``[B, 3, H, W]`` -> uint8 RGB ``[B, H, W, 3]`` (for overlays, kept instead of re-reading files)."""
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected normalised tensors [B, 3, H, W], got {tuple(images.shape)}")
+    x = images.detach().float().cpu()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = (x * std + mean).clamp_(0.0, 1.0).mul_(255.0).add_(0.5)
+    return rgb.to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _image_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -75,7 +88,10 @@ def save_overlay(
     vmax: float = 1.0,
     alpha: float = 0.5,
 ) -> Path:
-    """Write a PNG with panels side by side: image | overlay | ground-truth mask (if given)."""
+    """Write a PNG atomically with panels side by side: image | overlay | ground-truth mask (if given).
+
+    ``image`` is a normalised tensor ``[3, H, W]`` or uint8 ``[H, W, 3]`` (see :func:`images_to_uint8`).
+    """
     img = _image_uint8(image)
     panels = [img, overlay(img, heat, vmin=vmin, vmax=vmax, alpha=alpha)]
     if mask is not None:
@@ -85,7 +101,6 @@ def save_overlay(
     row = panels[0]
     for panel in panels[1:]:
         row = np.concatenate([row, gap, panel], axis=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(row).save(path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(row).save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -1,6 +1,8 @@
-"""Drop-in ``torch.nn`` modules of msflow_fast: flow blocks, sequences, the fusion flow and the scoring head.
+"""Reusable ``torch.nn`` blocks of msflow_fast: the FrEIA-compatible flow block, flow containers,
+cross-scale couplings and subnets. No model composition lives here (see :mod:`msflow_fast.models`).
 
-Modules here call only the public functions of :mod:`msflow_fast.ops`.
+Modules here call only the public functions of :mod:`msflow_fast.ops`. They are plain modules by
+default; :func:`enable_fast_paths` switches on the fast paths listed in :data:`FAST_PATHS`.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ import importlib
 from collections.abc import Iterator
 
 from . import compat
+from ._inference_cache import FAST_PATHS, enable_fast_paths
 from .all_in_one import AllInOneBlock, FusedAllInOneBlock
-from .fusion import ChannelPermutation, FusionCouplingLayer, FusionFlow
-from .head import AnomalyHead, AnomalyPrediction
-from .sequence import ParallelFlows, SequenceFlow, build_parallel_flow
+from .fusion import ChannelPermutation, FusionCouplingLayer
+from .sequence import ParallelFlows, SequenceFlow
 from .subnets import FusionCrossConvs, FusionSTNets, SubnetConvLN, subnet_conv_ln
 
 _FREIA_MODULES = ("FrEIA.modules", "FrEIA.modules.all_in_one_block")
@@ -45,20 +47,18 @@ def patch_freia(block: type = AllInOneBlock) -> Iterator[None]:
 
 
 __all__ = [
+    "FAST_PATHS",
     "AllInOneBlock",
-    "AnomalyHead",
-    "AnomalyPrediction",
     "ChannelPermutation",
     "FusedAllInOneBlock",
     "FusionCouplingLayer",
     "FusionCrossConvs",
-    "FusionFlow",
     "FusionSTNets",
     "ParallelFlows",
     "SequenceFlow",
     "SubnetConvLN",
-    "build_parallel_flow",
     "compat",
+    "enable_fast_paths",
     "patch_freia",
     "subnet_conv_ln",
 ]

@@ -58,8 +58,18 @@ class InferenceCache:
 
 
 class InferenceCachedModule(nn.Module):
-    """Base for modules with an :class:`InferenceCache` in ``self._inference_cache``; ``.to()``,
-    ``.half()``, ``.cuda()`` and the like replace the parameters and drop the cache."""
+    """Base for modules with fast paths: an :class:`InferenceCache` in ``self._inference_cache``
+    (``.to()``, ``.half()``, ``.cuda()`` and the like replace the parameters and drop it) and a
+    :attr:`fast_paths` switch.
+
+    Attributes:
+        fast_paths: ``False`` (default): the module behaves as a plain module: every submodule is
+            called in ``forward`` (its hooks fire) and nothing is cached. ``True``: the fast paths
+            of :data:`FAST_PATHS` run; they compute the same maths (to rounding) but may skip a
+            submodule's call. Switch it for a whole model with :func:`enable_fast_paths`.
+    """
+
+    fast_paths: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -69,24 +79,58 @@ class InferenceCachedModule(nn.Module):
         self._inference_cache.clear()
         return super()._apply(*args, **kwargs)
 
+    def _fast(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        # Inference with fast paths, outside autocast (which casts per call; F.conv2d handles it).
+        return (
+            self.fast_paths
+            and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and _cacheable((weight,))
+        )
+
     def _conv3x3(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``F.conv2d(x, weight, bias, padding=1)``; where :func:`msflow_fast.ops.winograd_enabled`
-        (CPU inference), by Winograd with ``weight``'s transform cached under ``name``."""
-        if self._winograd(x, weight):
-            return self._winograd_conv(name, x, weight, bias)
-        return F.conv2d(x, weight, bias, padding=1)
+        """``F.conv2d(x, weight, bias, padding=1)``; with fast paths at inference through
+        :func:`msflow_fast.ops.conv3x3`, by Winograd where it applies, ``weight``'s transform cached under ``name``."""
+        if not self._fast(x, weight):
+            return F.conv2d(x, weight, bias, padding=1)
+        return ops.conv3x3(x, weight, bias, weight_winograd=self._winograd_weight(name, weight))
 
     def _conv_module(self, name: str, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-        """``conv(x)`` for a 3x3, stride-1, padding-1 ``conv``; by Winograd as :meth:`_conv3x3` where it
-        applies (the module is then not called: its hooks do not fire)."""
-        if self._winograd(x, conv.weight):
-            return self._winograd_conv(name, x, conv.weight, conv.bias)
-        return conv(x)
+        """``conv(x)`` for a 3x3, stride-1, padding-1 ``conv``; with fast paths at inference as
+        :meth:`_conv3x3` (the module is then not called: its hooks do not fire)."""
+        if not self._fast(x, conv.weight):
+            return conv(x)
+        return ops.conv3x3(x, conv.weight, conv.bias, weight_winograd=self._winograd_weight(name, conv.weight))
 
-    def _winograd_conv(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        winograd = self._inference_cache.get(name, (weight,), lambda: ops.conv3x3_winograd_weight(weight))
-        return ops.conv3x3(x, weight, bias, weight_winograd=winograd)
+    def _winograd_weight(self, name: str, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
+        # Called by ops.conv3x3 only when Winograd runs: the backend is resolved once per call.
+        return lambda: self._inference_cache.get(name, (weight,), lambda: ops.conv3x3_winograd_weight(weight))
 
-    @staticmethod
-    def _winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return ops.winograd_enabled(x) and _cacheable((weight,))
+
+FAST_PATHS = (
+    "CPU inference (torch.no_grad, float32/float64, cpp backend): 3x3 convolutions by Winograd "
+    "F(4x4, 3x3) with cached transformed weights (ops.conv3x3); the nn.Conv2d modules are not called",
+    "a batch-constant condition (e.g. a positional encoding) goes through its share of the first "
+    "subnet convolution once per batch, cached at inference; the conv module is not called",
+    "the fusion subnet's scale and shift convolutions run as one convolution of stacked weights",
+    "the subnet LayerNorm + ReLU run as one fused op (ops.channel_layer_norm_relu) instead of calling the LayerNorm module",
+)
+"""What :attr:`InferenceCachedModule.fast_paths` switches on (the one place that lists them)."""
+
+
+def enable_fast_paths(module: nn.Module, enabled: bool = True) -> int:
+    """Switch the fast paths (:data:`FAST_PATHS`) of every :class:`InferenceCachedModule` in ``module``.
+
+    The models of the zoo call this for themselves; the drop-in blocks (``AllInOneBlock`` and the
+    subnets used on their own) are plain modules until it is called.
+
+    Returns:
+        The number of modules switched.
+    """
+    count = 0
+    for m in module.modules():
+        if isinstance(m, InferenceCachedModule):
+            m.fast_paths = bool(enabled)
+            m._inference_cache.clear()
+            count += 1
+    return count

@@ -202,9 +202,9 @@ class AllInOneBlock(nn.Module):
         return conds
 
     def _subnet(self, x1: torch.Tensor, conds: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        # A subnet with ``forward_split(x1, conds)`` takes the conditions unconcatenated (see
-        # SubnetConvLN.forward_split); any other subnet gets FrEIA's ``concat(x1, *c)``.
-        if conds and hasattr(self.subnet, "forward_split"):
+        # A subnet with fast paths on (see nn.enable_fast_paths) takes the conditions
+        # unconcatenated (SubnetConvLN.forward_split); any other gets FrEIA's ``concat(x1, *c)``.
+        if conds and getattr(self.subnet, "fast_paths", False) and hasattr(self.subnet, "forward_split"):
             a = self.subnet.forward_split(x1, conds)
         else:
             a = self.subnet(torch.cat([x1, *conds], dim=1) if conds else x1)

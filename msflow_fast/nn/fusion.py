@@ -1,4 +1,5 @@
-"""MSFlow's fusion flow: per-scale fixed channel permutations, then one cross-scale affine coupling.
+"""Cross-scale blocks: a fixed channel permutation and the two-sided coupling across all scales jointly
+(MSFlow's fusion layer; MSFlow composes them in ``msflow_fast.models.msflow.flows.FusionFlow``).
 
 See MSFLOW_SPEC.md §1.7. Two deliberate differences from the official code: the reverse returns
 the NEGATED log-det (FrEIA's contract; the official layer returns ``+J`` in both directions), and
@@ -139,34 +140,4 @@ class FusionCouplingLayer(nn.Module):
         return outs, logdet_a + logdet_b
 
 
-class FusionFlow(nn.Module):
-    """MSFlow's fusion flow: one :class:`ChannelPermutation` per scale, then a :class:`FusionCouplingLayer`.
-
-    ``state_dict`` keys: ``permutations.{k}.perm`` / ``.perm_inv`` (keyed by scale ``k``) and
-    ``coupling.subnet_{1,2}.*`` (the official checkpoint's ``module_list.3.*``).
-
-    Args:
-        channels: ``C_k`` per scale, finest first.
-        clamp: the coupling's soft clamp (MSFlow: 1.9).
-    """
-
-    def __init__(self, channels: Sequence[int], clamp: float = 1.9) -> None:
-        super().__init__()
-        self.channels = [int(c) for c in channels]
-        self.permutations = nn.ModuleList(ChannelPermutation(c) for c in self.channels)
-        self.coupling = FusionCouplingLayer([(c, 1, 1) for c in self.channels], clamp=clamp)
-
-    def forward(
-        self, features: Sequence[torch.Tensor], rev: bool = False
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """``[y_1..y_K] -> ([z_1..z_K], logdet [B])``; with ``rev=True`` the inverse (log-det negated)."""
-        xs = _as_list(features, len(self.channels), "features")
-        if not rev:
-            permuted = [p(x) for p, x in zip(self.permutations, xs)]
-            outs, logdet = self.coupling(permuted)
-            return list(outs), logdet
-        outs, logdet = self.coupling(xs, rev=True)
-        return [p(z, rev=True) for p, z in zip(self.permutations, outs)], logdet
-
-
-__all__ = ["ChannelPermutation", "FusionCouplingLayer", "FusionFlow"]
+__all__ = ["ChannelPermutation", "FusionCouplingLayer"]

@@ -1,4 +1,4 @@
-"""Sequential flows: :class:`SequenceFlow` (FrEIA ``SequenceINN`` subset) and :class:`ParallelFlows` (one per scale)."""
+"""Flow containers: :class:`SequenceFlow` (FrEIA ``SequenceINN`` subset) and :class:`ParallelFlows` (one flow per scale)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .all_in_one import AllInOneBlock
-from .subnets import subnet_conv_ln
 
 
 class SequenceFlow(nn.Module):
@@ -109,97 +107,51 @@ class SequenceFlow(nn.Module):
         return result, logdet
 
 
-def build_parallel_flow(
-    channels: int,
-    n_blocks: int,
-    cond_channels: int,
-    clamp: float,
-    *,
-    clamp_form: str = "tanh",
-    subnet_constructor: Callable[[int, int], nn.Module] = subnet_conv_ln,
-    block_class: Callable[..., nn.Module] = AllInOneBlock,
-) -> SequenceFlow:
-    """One MSFlow parallel flow: ``n_blocks`` conditioned AllInOneBlocks on ``(channels, 1, 1)``.
-
-    Same structure, RNG consumption and ``state_dict`` keys as the official
-    ``SequenceINN(C, 1, 1)`` with ``append(AllInOneBlock, cond=0, cond_shape=(c_cond, 1, 1),
-    subnet_constructor=subnet_conv_ln, affine_clamping=clamp, global_affine_type='SOFTPLUS')``.
-    """
-    flow = SequenceFlow(channels, 1, 1)
-    extra = {} if block_class is not AllInOneBlock else {"clamp_form": clamp_form}
-    for _ in range(n_blocks):
-        flow.append(
-            block_class,
-            cond=0,
-            cond_shape=(cond_channels, 1, 1),
-            subnet_constructor=subnet_constructor,
-            affine_clamping=clamp,
-            global_affine_type="SOFTPLUS",
-            **extra,
-        )
-    return flow
-
-
 class ParallelFlows(nn.Module):
-    """MSFlow's parallel flows: one :class:`SequenceFlow` of AllInOneBlocks per scale.
+    """Independent flows, one per scale: ``flows[k]`` maps ``x_k`` to ``z_k``.
 
-    ``state_dict`` keys: ``flows.{k}.module_list.{i}.*``; ``flows[k].state_dict()`` equals the
-    official ``parallel_flows[k]`` checkpoint entry.
+    ``state_dict`` keys: ``flows.{k}.*`` (for :class:`SequenceFlow` flows,
+    ``flows.{k}.module_list.{i}.*``, FrEIA ``SequenceINN`` keys per scale).
 
     Args:
-        channels: feature channels per scale ``C_k``.
-        n_blocks: blocks per scale (MSFlow: ``(2, 5, 8)``).
-        cond_channels: positional-condition channels (MSFlow: 64).
-        clamp: soft clamp alpha (MSFlow: 1.9).
-        clamp_form: ``"tanh"`` (FrEIA 0.2) or ``"tanh_scaled"``.
-        subnet_constructor: ``f(c_in, c_out)`` (MSFlow: ``subnet_conv_ln``).
+        flows: the per-scale flows, each ``flow(x, c=None, rev=False, jac=True) -> (z, logdet [B])``
+            (as :class:`SequenceFlow`).
     """
 
-    def __init__(
-        self,
-        channels: Sequence[int],
-        n_blocks: Sequence[int],
-        cond_channels: int,
-        clamp: float,
-        *,
-        clamp_form: str = "tanh",
-        subnet_constructor: Callable[[int, int], nn.Module] = subnet_conv_ln,
-    ) -> None:
+    def __init__(self, flows: Sequence[nn.Module]) -> None:
         super().__init__()
-        if len(channels) != len(n_blocks):
-            raise ValueError(f"channels ({len(channels)} scales) and n_blocks ({len(n_blocks)}) must have the same length")
-        if any(n < 1 for n in n_blocks):
-            raise ValueError(f"n_blocks must all be >= 1, got {tuple(n_blocks)}")
-        self.flows = nn.ModuleList(
-            build_parallel_flow(c, n, cond_channels, clamp, clamp_form=clamp_form, subnet_constructor=subnet_constructor)
-            for c, n in zip(channels, n_blocks)
-        )
+        flows = list(flows)
+        if not flows:
+            raise ValueError("ParallelFlows needs at least one flow")
+        self.flows = nn.ModuleList(flows)
 
     def forward(
         self,
         features: Sequence[torch.Tensor],
-        conditions: Sequence[torch.Tensor],
+        conditions: Sequence[torch.Tensor | None] | None = None,
         rev: bool = False,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per scale ``k``: ``flows[k](features[k], [conditions[k]], rev)``.
+        """Per scale ``k``: ``flows[k](features[k], [conditions[k]], rev)`` (no condition where ``None``).
 
         Args:
             features: ``[B, C_k, H_k, W_k]`` per scale.
-            conditions: ``[B, C_cond, H_k, W_k]`` per scale.
+            conditions: ``[B, C_cond, H_k, W_k]`` (or ``None``) per scale, or ``None`` for no conditions.
 
         Returns:
             ``(outputs, logdets)``: per-scale outputs and ``[B]`` log-dets (nats).
         """
+        if conditions is None:
+            conditions = [None] * len(features)
         if len(features) != len(self.flows) or len(conditions) != len(self.flows):
             raise ValueError(
                 f"ParallelFlows has {len(self.flows)} scales, got {len(features)} features and {len(conditions)} conditions"
             )
         outputs, logdets = [], []
         for flow, x, cond in zip(self.flows, features, conditions):
-            z, logdet = flow(x, [cond], rev=rev)
+            z, logdet = flow(x, None if cond is None else [cond], rev=rev)
             outputs.append(z)
             logdets.append(logdet)
         return outputs, logdets
 
 
-__all__ = ["ParallelFlows", "SequenceFlow", "build_parallel_flow"]
+__all__ = ["ParallelFlows", "SequenceFlow"]

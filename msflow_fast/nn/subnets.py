@@ -17,9 +17,14 @@ from .. import ops
 from ._inference_cache import InferenceCachedModule
 
 
-def _layer_norm_relu(x: torch.Tensor, norm: nn.LayerNorm, addend: torch.Tensor | None = None) -> torch.Tensor:
-    """``relu(norm(x + addend))`` with ``norm`` over the channels of ``[B, C, H, W]`` (fused op)."""
-    return ops.channel_layer_norm_relu(x, norm.weight, norm.bias, addend, eps=norm.eps)
+def _layer_norm_relu(module: InferenceCachedModule, x: torch.Tensor, norm: nn.LayerNorm, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu(norm(x + addend))`` with ``norm`` over the channels of ``[B, C, H, W]``: the fused op
+    with ``module``'s fast paths, else a call of the ``norm`` module."""
+    if module.fast_paths:
+        return ops.channel_layer_norm_relu(x, norm.weight, norm.bias, addend, eps=norm.eps)
+    if addend is not None:
+        x = x + addend
+    return F.relu(norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
 
 class SubnetConvLN(InferenceCachedModule):
@@ -44,15 +49,15 @@ class SubnetConvLN(InferenceCachedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, dim_in, H, W] -> [B, dim_out, H, W]``.
 
-        At CPU inference (``torch.no_grad()``) wide convolutions run by Winograd (see
-        :func:`msflow_fast.ops.conv3x3`) without calling ``conv1``/``conv2``, whose forward hooks
-        then do not fire; ``MSFLOW_FAST_WINOGRAD=0`` keeps the module calls.
+        With :attr:`fast_paths` (see :func:`~msflow_fast.nn.enable_fast_paths`), LayerNorm + ReLU
+        run as one fused op and, at CPU inference (``torch.no_grad()``), wide convolutions by
+        Winograd (see :func:`msflow_fast.ops.conv3x3`), without calling ``ln``/``conv1``/``conv2``.
         """
         hidden = self._conv_module("conv1", x, self.conv1)
-        return self._conv_module("conv2", _layer_norm_relu(hidden, self.ln), self.conv2)
+        return self._conv_module("conv2", _layer_norm_relu(self, hidden, self.ln), self.conv2)
 
     def forward_split(self, x: torch.Tensor, conditions: Sequence[torch.Tensor]) -> torch.Tensor:
-        """``forward(concat([x, *conditions]))`` without the concatenation.
+        """``forward(concat([x, *conditions]))``, without the concatenation when :attr:`fast_paths` is on.
 
         ``conv1`` is linear in its input channels, so it splits into a part on ``x`` and a part on
         the conditions. Conditions that are the same for every sample (a batch stride of 0, as
@@ -68,7 +73,7 @@ class SubnetConvLN(InferenceCachedModule):
             conditions: ``[B, C_c, H, W]`` tensors with ``C_x + sum C_c == dim_in``.
         """
         shared = conditions and all(c.stride(0) == 0 or c.shape[0] == 1 for c in conditions)
-        if not shared or x.shape[0] == 1:
+        if not self.fast_paths or not shared or x.shape[0] == 1:
             return self.forward(torch.cat([x, *conditions], dim=1) if conditions else x)
         c_x = x.shape[1]
         weight, bias = self.conv1.weight, self.conv1.bias
@@ -82,7 +87,7 @@ class SubnetConvLN(InferenceCachedModule):
 
         # The output dtype is part of the key: autocast on or off.
         constant = self._inference_cache.get("condition", (*conditions, weight, bias), condition_term, (c_x, hidden.dtype))
-        return self._conv_module("conv2", _layer_norm_relu(hidden, self.ln, constant), self.conv2)
+        return self._conv_module("conv2", _layer_norm_relu(self, hidden, self.ln, constant), self.conv2)
 
 
 def subnet_conv_ln(dim_in: int, dim_out: int) -> SubnetConvLN:
@@ -117,7 +122,7 @@ class FusionCrossConvs(InferenceCachedModule):
         size = xs[-1].shape[-2:]
         pooled = [x if x.shape[-2:] == size else F.adaptive_avg_pool2d(x, size) for x in xs]
         mixed = self._conv_module("conv1", torch.cat(pooled, dim=1), self.conv1)
-        mixed = F.relu(self._conv_module("conv2", _layer_norm_relu(mixed, self.norm), self.conv2))
+        mixed = F.relu(self._conv_module("conv2", _layer_norm_relu(self, mixed, self.norm), self.conv2))
         out = []
         for x, part in zip(xs, torch.split(mixed, self.split_channels, dim=1)):
             if part.shape[-2:] != x.shape[-2:]:
@@ -130,9 +135,9 @@ class FusionSTNets(InferenceCachedModule):
     """Scale/shift subnet of :class:`~msflow_fast.nn.FusionCouplingLayer` (the official ``FusionSTNets``).
 
     Cross-scale mixing (:class:`FusionCrossConvs`), then per scale one 3x3 conv for the log-scale
-    and one for the shift. The two are evaluated as a single conv with concatenated weights, so
-    each output is ``[s_k, t_k]`` channel-concatenated, ready for the ``atan`` coupling op (under
-    ``torch.no_grad()`` the concatenated weights are cached while the convs' weights are unchanged).
+    and one for the shift; each output is ``[s_k, t_k]`` channel-concatenated, ready for the
+    ``atan`` coupling op. With :attr:`fast_paths` the two are one conv with concatenated weights
+    (cached under ``torch.no_grad()`` while the convs' weights are unchanged).
 
     Args:
         in_channels_list: input channels ``m_k`` per scale.
@@ -153,6 +158,8 @@ class FusionSTNets(InferenceCachedModule):
     def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per scale ``[B, m_k, h_k, w_k] -> [B, 2 * out_k, h_k, w_k]`` (``[s_k, t_k]``)."""
         mixed = self.cross_convs(xs)
+        if not self.fast_paths:
+            return [torch.cat([conv_s(r), conv_t(r)], dim=1) for r, conv_s, conv_t in zip(mixed, self.conv_s, self.conv_t)]
         out = []
         for k, (r, conv_s, conv_t) in enumerate(zip(mixed, self.conv_s, self.conv_t)):
             weight, bias = self._inference_cache.get(

@@ -1,6 +1,19 @@
 """Functional fused ops with one contract and three backends (``reference``, ``triton``, ``cpp``).
 
 ``msflow_fast.ops.reference`` holds the maths; the functions here validate inputs and dispatch.
+
+Mixed precision (the one statement of the policy; docs elsewhere point here):
+
+- Every op computes float16/bfloat16 inputs in float32 (:func:`reference.compute_dtype`) and
+  float32/float64 inputs in their own dtype. Element outputs keep the input dtype (rounded once);
+  log-dets, the Gaussian NLL, log-likelihood maps and image scores of half inputs are float32.
+- Per-channel parameters (global scale and offset, LayerNorm affine) may be float32 for half
+  inputs (a model's parameters under autocast): they are used in float32 as given, never rounded
+  to half, and their gradients come back in their own dtype.
+- Under ``torch.autocast`` the models run their subnet convolutions in the autocast dtype and keep
+  latents, log-dets and the loss in float32. AllInOneBlock's plain-PyTorch path (GIN, Householder
+  or soft permutations) is the exception: it rounds the per-channel parameters to half for the
+  element maths, as FrEIA does.
 """
 
 from __future__ import annotations

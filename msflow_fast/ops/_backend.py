@@ -96,7 +96,7 @@ def _why_unavailable(backend: str, op: str, device: torch.device) -> str | None:
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels support CUDA (or CPU under TRITON_INTERPRET=1) tensors, got device {device}"
     if backend == "cpp":
-        from .._build import extension_info
+        from ._extension import extension_info
 
         info = extension_info()
         if not info["loaded"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._build import extension_ops
+from ._extension import extension_ops
 
 _ops = extension_ops("conv3x3_winograd_fwd", "the Winograd convolution (csrc/conv.cpp)")
 

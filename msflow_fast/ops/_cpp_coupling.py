@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .._build import extension_ops
+from ._extension import extension_ops
 from .reference import compute_dtype
 
 _ops = extension_ops("affine_coupling_fwd", "the coupling ops (csrc/coupling.cpp)")

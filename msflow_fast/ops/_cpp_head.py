@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._build import extension_ops
+from ._extension import extension_ops
 from .reference import compute_dtype
 
 _ops = extension_ops("gaussian_nll_fwd", "the head ops (csrc/head.cpp)")
@@ -41,12 +41,17 @@ def _log_likelihood_map_bwd_fake(grad: torch.Tensor, z: torch.Tensor) -> torch.T
 
 @torch.library.register_fake("msflow_fast::aggregate_anomaly_maps_fwd")
 def _aggregate_anomaly_maps_fwd_fake(
-    log_likelihood_maps: list[torch.Tensor], output_size: list[int], top_k: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_likelihood_maps: list[torch.Tensor], output_size: list[int], top_k: float, log_space_score: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     first = log_likelihood_maps[0]
     b = first.shape[0]
     h, w = output_size
-    return first.new_empty((b, h, w)), first.new_empty((b, h, w)), first.new_empty((b,))
+    return (
+        first.new_empty((b, h, w)),
+        first.new_empty((b, h, w)),
+        first.new_empty((b,)),
+        first.new_empty((b if log_space_score else 0,)),
+    )
 
 
 @torch.library.register_fake("msflow_fast::log_space_score_fwd")
@@ -101,9 +106,11 @@ def aggregate_anomaly_maps(
     output_size: tuple[int, int],
     *,
     top_k: float = 0.03,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused "add"/"mul" maps and top-k score; see :func:`msflow_fast.ops.reference.aggregate_anomaly_maps`."""
-    return _ops.aggregate_anomaly_maps_fwd(list(log_likelihood_maps), list(output_size), float(top_k))
+    log_space_score: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Fused "add"/"mul" maps and top-k score(s); see :func:`msflow_fast.ops.reference.aggregate_anomaly_maps`."""
+    out = _ops.aggregate_anomaly_maps_fwd(list(log_likelihood_maps), list(output_size), float(top_k), bool(log_space_score))
+    return tuple(out) if log_space_score else tuple(out[:3])
 
 
 def log_space_score(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._build import extension_ops
+from ._extension import extension_ops
 from .reference import compute_dtype
 
 _ops = extension_ops("channel_layer_norm_relu_fwd", "the subnet norm op (csrc/norm.cpp)")

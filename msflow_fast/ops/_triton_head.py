@@ -67,9 +67,12 @@ def aggregate_anomaly_maps(
     output_size: tuple[int, int],
     *,
     top_k: float = 0.03,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused "add"/"mul" maps and top-k score; see :func:`msflow_fast.ops.reference.aggregate_anomaly_maps`."""
-    return kernels.aggregate_anomaly_maps_fwd(list(log_likelihood_maps), tuple(output_size), float(top_k))
+    log_space_score: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Fused "add"/"mul" maps and top-k score(s); see :func:`msflow_fast.ops.reference.aggregate_anomaly_maps`."""
+    return kernels.aggregate_anomaly_maps_fwd(
+        list(log_likelihood_maps), tuple(output_size), float(top_k), log_space_score=bool(log_space_score)
+    )
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ wrapper validates and dispatches to a backend.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +37,14 @@ def winograd_enabled(x: torch.Tensor, *, backend: str | None = None) -> bool:
     the batch size from the tile threshold). Callers use it to decide whether
     :func:`conv3x3_winograd_weight` is worth computing (and caching).
     """
+    if not _winograd_applicable(x):
+        return False
+    name, _ = _backend.resolve("conv3x3", x.device, backend)
+    return name == "cpp"
+
+
+def _winograd_applicable(x: torch.Tensor) -> bool:
+    """Every condition of :func:`winograd_enabled` but the backend's."""
     if torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
@@ -46,10 +55,7 @@ def winograd_enabled(x: torch.Tensor, *, backend: str | None = None) -> bool:
         return False
     if x.shape[0] * -(-x.shape[2] // 4) * -(-x.shape[3] // 4) < WINOGRAD_MIN_TILES:
         return False
-    if os.environ.get(ENV_WINOGRAD, "1").strip() == "0":
-        return False
-    name, _ = _backend.resolve("conv3x3", x.device, backend)
-    return name == "cpp"
+    return os.environ.get(ENV_WINOGRAD, "1").strip() != "0"
 
 
 def conv3x3_winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -67,7 +73,7 @@ def conv3x3(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    weight_winograd: torch.Tensor | None = None,
+    weight_winograd: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """3x3 convolution, stride 1, zero padding 1 (``F.conv2d(x, weight, bias, padding=1)``).
@@ -82,7 +88,8 @@ def conv3x3(
         weight: ``[C_out, C_in, 3, 3]``, x's dtype and device.
         bias: optional ``[C_out]``.
         weight_winograd: optional ``[36, C_out, C_in]``, the Winograd form of ``weight``
-            (trusted to match it).
+            (trusted to match it), or a function returning it, called only when Winograd runs
+            (e.g. a cache lookup: the backend is then resolved once for the decision and the call).
         backend: as in :func:`msflow_fast.ops.affine_coupling`.
 
     Returns:
@@ -98,6 +105,9 @@ def conv3x3(
         v.same_device_dtype("x", x, bias=bias)
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must have shape [{weight.shape[0]}] (C_out), got {tuple(bias.shape)}")
+    name, impl = _backend.resolve("conv3x3", x.device, backend)
+    if callable(weight_winograd):
+        weight_winograd = weight_winograd() if name == "cpp" and _winograd_applicable(x) else None
     if weight_winograd is not None:
         v.tensor(weight_winograd, "weight_winograd", ndim=3)
         v.same_device_dtype("weight", weight, weight_winograd=weight_winograd)
@@ -106,7 +116,6 @@ def conv3x3(
                 f"weight_winograd must have shape (36, {weight.shape[0]}, {weight.shape[1]}) for weight "
                 f"{tuple(weight.shape)}, got {tuple(weight_winograd.shape)}"
             )
-    _, impl = _backend.resolve("conv3x3", x.device, backend)
     return impl(x, weight, bias, weight_winograd)
 
 

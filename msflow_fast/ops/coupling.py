@@ -4,11 +4,9 @@ Each function validates its inputs, picks a backend (see :mod:`msflow_fast.ops._
 calls that backend's implementation, which matches :mod:`msflow_fast.ops.reference` and supports
 autograd. Shapes, units and formulas are documented on the reference functions.
 
-Dtypes: ``x`` and ``a`` share one floating dtype. float16/bfloat16 inputs are computed in float32:
-element outputs (and their gradients) keep ``x.dtype``, log-dets are float32. The per-channel
-parameters ``global_scale`` and ``global_offset`` must have ``x.dtype`` or, for float16/bfloat16
-``x``, float32 (the dtype of a model's parameters under autocast); they are used in float32 as
-given, never rounded to ``x.dtype``, and their gradients come back in their own dtype.
+Dtypes: ``x`` and ``a`` share one floating dtype; ``global_scale`` and ``global_offset`` have
+``x.dtype`` or, for float16/bfloat16 ``x``, float32. Precision follows the mixed-precision policy
+of :mod:`msflow_fast.ops`.
 """
 
 from __future__ import annotations

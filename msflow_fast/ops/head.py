@@ -61,28 +61,29 @@ class _ReferenceBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op: str, impl, size: tuple[int, int], top_k: float, *maps: torch.Tensor):
-        ctx.op, ctx.size, ctx.top_k = op, size, top_k
+    def forward(ctx, op: str, impl, size: tuple[int, int], options: dict, *maps: torch.Tensor):
+        ctx.op, ctx.size, ctx.options = op, size, options
         ctx.save_for_backward(*maps)
-        return impl(list(maps), size, top_k=top_k)
+        return impl(list(maps), size, **options)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
         maps = [m.detach().requires_grad_() for m in ctx.saved_tensors]
         with torch.enable_grad():
-            out = getattr(reference, ctx.op)(maps, ctx.size, top_k=ctx.top_k)
+            out = getattr(reference, ctx.op)(maps, ctx.size, **ctx.options)
         outs = out if isinstance(out, tuple) else (out,)
         used = [(o, g) for o, g in zip(outs, grads) if g is not None]
         grad_maps = torch.autograd.grad([o for o, _ in used], maps, [g for _, g in used], allow_unused=True)
         return (None, None, None, None, *grad_maps)
 
 
-def _aggregate(op: str, maps: list[torch.Tensor], size: tuple[int, int], top_k: float, backend: str | None):
-    """Run a map-aggregation op; on a fused backend with autograd on, gradients come from the reference."""
+def _aggregate(op: str, maps: list[torch.Tensor], size: tuple[int, int], options: dict, backend: str | None):
+    """Run a map-aggregation op (backend resolved once); on a fused backend with autograd on,
+    gradients come from the reference."""
     name, impl = _backend.resolve(op, maps[0].device, backend)
     if name == "reference" or not torch.is_grad_enabled() or not any(m.requires_grad for m in maps):
-        return impl(maps, size, top_k=top_k)
-    return _ReferenceBackward.apply(op, impl, size, top_k, *maps)
+        return impl(maps, size, **options)
+    return _ReferenceBackward.apply(op, impl, size, options, *maps)
 
 
 def gaussian_nll(
@@ -128,26 +129,34 @@ def aggregate_anomaly_maps(
     output_size: tuple[int, int],
     *,
     top_k: float = 0.03,
+    log_space_score: bool = False,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MSFlow's "add" and "mul" anomaly maps at ``output_size`` and the top-k image score.
+) -> tuple[torch.Tensor, ...]:
+    """MSFlow's "add" and "mul" anomaly maps at ``output_size`` and the top-k image score(s).
 
     Args:
         log_likelihood_maps: per-scale ``[B, h_k, w_k]`` maps (same batch, dtype and device).
         output_size: ``(H, W)``.
         top_k: fraction of pixels averaged for the score, in ``(0, 1]`` (MSFlow: 0.03).
+        log_space_score: also return :func:`log_space_score`, computed in the same pass from the
+            same upsampled log-likelihood sum (no second upsampling).
         backend: as in :func:`msflow_fast.ops.affine_coupling`.
 
     Returns:
-        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``. An image whose maps
-        hold a NaN gets a NaN score on every backend (its maps are NaN at least near the NaN).
+        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``, plus
+        ``score_log_space [B]`` (nats) with ``log_space_score=True``. An image whose maps hold a
+        NaN gets NaN scores on every backend (its maps are NaN at least near the NaN).
         Differentiable on every backend: the fused ones compute the forward and take the
         reference's gradients (recomputed in the backward).
     """
     maps = _maps(log_likelihood_maps)
     size = _output_size(output_size)
-    k = _top_k(top_k)
-    return _aggregate("aggregate_anomaly_maps", maps, size, k, backend)
+    options = {"top_k": _top_k(top_k)}
+    if not isinstance(log_space_score, bool):
+        raise TypeError(f"log_space_score must be a bool, got {type(log_space_score).__name__}")
+    if log_space_score:
+        options["log_space_score"] = True
+    return _aggregate("aggregate_anomaly_maps", maps, size, options, backend)
 
 
 def log_space_score(
@@ -157,11 +166,12 @@ def log_space_score(
     top_k: float = 0.03,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Stable image score: top-k mean of ``max L - L`` in nats (ranks like the official score, never saturates).
+    """Image score in nats: the top-k mean of ``max L - L`` (see :func:`msflow_fast.ops.reference.log_space_score`).
 
-    Arguments as in :func:`aggregate_anomaly_maps`, with the same NaN and gradient rules. Returns ``[B]``.
+    Arguments as in :func:`aggregate_anomaly_maps`, with the same NaN and gradient rules. Returns
+    ``[B]``. With the maps as well, ``aggregate_anomaly_maps(..., log_space_score=True)`` gives it
+    in the same pass.
     """
     maps = _maps(log_likelihood_maps)
     size = _output_size(output_size)
-    k = _top_k(top_k)
-    return _aggregate("log_space_score", maps, size, k, backend)
+    return _aggregate("log_space_score", maps, size, {"top_k": _top_k(top_k)}, backend)

@@ -11,11 +11,9 @@ Conventions
 * Log-determinants are natural-log Jacobian determinants (nats) per sample, ``[B]``.
 * ``reverse=True`` computes the inverse map and returns the *negated* log-det, so that
   ``logdet(forward) + logdet(reverse) == 0`` on a round trip.
-* Precision of the flow-block ops (:func:`affine_coupling`, :func:`global_affine_permute`,
-  :func:`coupling_affine_permute`): float16/bfloat16 inputs are computed in float32
-  (:func:`compute_dtype`); element outputs are rounded to ``x.dtype`` once, log-dets stay float32.
-  The per-channel parameters (``global_scale``, ``global_offset``) are used in the compute dtype,
-  never rounded to a half ``x.dtype`` (pass them in float32; gradients come back in their dtype).
+* Precision: the mixed-precision policy of :mod:`msflow_fast.ops` (half inputs computed in
+  float32 by :func:`compute_dtype`, element outputs rounded to ``x.dtype`` once, log-dets float32,
+  per-channel parameters used as given).
 
 Soft clamps (``clamp_form``), applied to the scale half ``a_s`` of a subnet output
 ``a = [a_s, a_t]`` with clamp ``alpha``:
@@ -262,12 +260,27 @@ def top_k_mean(maps: torch.Tensor, top_k: float) -> torch.Tensor:
     return torch.topk(flat, k, dim=1).values.mean(dim=1)
 
 
+def summed_log_likelihood(log_likelihood_maps: list[torch.Tensor] | tuple[torch.Tensor, ...], output_size: tuple[int, int]) -> torch.Tensor:
+    """``L = sum_k Up(L_k)`` ``[B, H, W]``: the per-scale log-likelihood maps upsampled and summed (nats)."""
+    summed = None
+    for logp in log_likelihood_maps:
+        up = upsample_bilinear(logp, output_size)
+        summed = up if summed is None else summed + up
+    return summed
+
+
+def log_space_gap(summed_log: torch.Tensor) -> torch.Tensor:
+    """``max L - L`` per image of ``L [B, H, W]`` (nats, ``>= 0``)."""
+    return summed_log.flatten(1).max(dim=1).values.view(-1, 1, 1) - summed_log
+
+
 def aggregate_anomaly_maps(
     log_likelihood_maps: list[torch.Tensor] | tuple[torch.Tensor, ...],
     output_size: tuple[int, int],
     *,
     top_k: float = 0.03,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_space_score: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """MSFlow's multi-scale post-processing (official definitions, per image).
 
     With ``Up`` = bilinear upsampling, ``align_corners=True``, to ``output_size``:
@@ -275,31 +288,36 @@ def aggregate_anomaly_maps(
     * "add": ``P_k = Up(exp(L_k - max L_k))``; ``S = sum_k P_k``; ``anomaly_map_add = max S - S``.
     * "mul": ``L = sum_k Up(L_k)``; ``P = exp(L - max L)``; ``anomaly_map_mul = max P - P = 1 - P``.
     * ``score`` = mean of the ``top_k_count(H * W, top_k)`` largest values of ``anomaly_map_mul``.
+    * with ``log_space_score``, also :func:`log_space_score` of the same ``L`` (one upsampling for both).
 
-    All maxima are per image. The official score saturates at 1.0 once log-likelihood gaps
-    exceed about 88 nats in float32 (``exp`` underflow); see :func:`log_space_score`.
+    All maxima are per image. ``1 - exp(-d)`` rounds to exactly 1.0 at a log-likelihood gap
+    ``d = max L - L`` of about 17.3 nats in float32 (37.4 in float64), so the official score of an
+    image whose top-k pixels all lie that far below its most likely pixel is exactly 1.0 (a tie).
 
     Args:
         log_likelihood_maps: per-scale maps ``[B, h_k, w_k]`` (e.g. from :func:`log_likelihood_map`).
         output_size: ``(H, W)`` of the anomaly maps.
         top_k: fraction of pixels in the score, ``0 < top_k <= 1``.
+        log_space_score: also return the log-space score.
 
     Returns:
-        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``.
+        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``, plus
+        ``score_log_space [B]`` (nats) with ``log_space_score=True``.
     """
-    summed_log = None
     summed_prob = None
     for logp in log_likelihood_maps:
         prob = torch.exp(logp - logp.flatten(1).max(dim=1).values.view(-1, 1, 1))
         up_prob = upsample_bilinear(prob, output_size)
-        up_log = upsample_bilinear(logp, output_size)
         summed_prob = up_prob if summed_prob is None else summed_prob + up_prob
-        summed_log = up_log if summed_log is None else summed_log + up_log
+    summed_log = summed_log_likelihood(log_likelihood_maps, output_size)
     max_prob = summed_prob.flatten(1).max(dim=1).values.view(-1, 1, 1)
     anomaly_map_add = max_prob - summed_prob
     prob_mul = torch.exp(summed_log - summed_log.flatten(1).max(dim=1).values.view(-1, 1, 1))
     anomaly_map_mul = prob_mul.flatten(1).max(dim=1).values.view(-1, 1, 1) - prob_mul
-    return anomaly_map_add, anomaly_map_mul, top_k_mean(anomaly_map_mul, top_k)
+    score = top_k_mean(anomaly_map_mul, top_k)
+    if not log_space_score:
+        return anomaly_map_add, anomaly_map_mul, score
+    return anomaly_map_add, anomaly_map_mul, score, top_k_mean(log_space_gap(summed_log), top_k)
 
 
 def log_space_score(
@@ -308,17 +326,18 @@ def log_space_score(
     *,
     top_k: float = 0.03,
 ) -> torch.Tensor:
-    """Numerically stable image score: mean of the top-k of ``max L - L`` (nats) per image.
+    """Image score in nats: the mean of the top-k of ``max L - L`` per image, never saturating.
 
-    ``L = sum_k Up(L_k)`` as in the "mul" map. Since ``1 - exp(L - max L)`` is increasing
-    in ``max L - L``, both scores order pixels identically; this one never saturates.
+    ``L = sum_k Up(L_k)`` as in the "mul" map. Within an image, ``max L - L`` orders pixels as
+    ``1 - exp(L - max L)`` does, so both scores average the same top-k pixels; but the mean of
+    the gaps is not a monotone function of the mean of ``1 - exp(-gap)``, so across images the
+    two scores do not always rank alike. Unlike the official score, this one does not tie at
+    1.0 for images with large gaps (see :func:`aggregate_anomaly_maps`).
 
     Returns:
         ``[B]`` in nats, ``>= 0``.
     """
-    summed_log = sum(upsample_bilinear(logp, output_size) for logp in log_likelihood_maps)
-    gap = summed_log.flatten(1).max(dim=1).values.view(-1, 1, 1) - summed_log
-    return top_k_mean(gap, top_k)
+    return top_k_mean(log_space_gap(summed_log_likelihood(log_likelihood_maps, output_size)), top_k)
 
 
 def channel_layer_norm_relu(
@@ -411,7 +430,9 @@ __all__ = [
     "global_scale_init",
     "invert_permutation",
     "log_likelihood_map",
+    "log_space_gap",
     "log_space_score",
+    "summed_log_likelihood",
     "soft_clamp",
     "top_k_count",
     "top_k_mean",

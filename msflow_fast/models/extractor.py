@@ -53,7 +53,12 @@ class FeatureExtractor(nn.Module):
     Attributes:
         channels: ``C_k`` per output map, inferred with one dry forward.
         strides: input-to-map downsampling factor per output map.
+        source: where the weights come from: ``"pretrained"`` (timm's pretrained weights, rebuilt
+            from the name: checkpoints do not store them), ``"random"`` (a timm name with random
+            initialisation) or ``"module"`` (a given module); checkpoints store the last two.
     """
+
+    SOURCES = ("pretrained", "random", "module")
 
     def __init__(
         self,
@@ -72,9 +77,11 @@ class FeatureExtractor(nn.Module):
                 raise ImportError(f"backbone={backbone!r} needs timm (pip install timm) or pass an nn.Module") from exc
             name = _OFFICIAL_WEIGHTS.get(backbone, backbone) if pretrained else backbone
             self.name = name
+            self.source = "pretrained" if pretrained else "random"
             self.backbone = timm.create_model(name, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained)
         elif isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
+            self.source = "module"
             self.backbone = backbone
         else:
             raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")

@@ -1,10 +1,11 @@
-"""``MSFlowConfig``: every model hyper-parameter in one frozen, validated dataclass (official defaults)."""
+"""``MSFlowConfig``: every MSFlow hyper-parameter in one frozen, validated dataclass (official defaults)."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from ..base import ModelConfig, normalize_input_size
 
 POOL_TYPES = ("avg", "max", "none")
 SCORES = ("official", "log_space")
@@ -21,7 +22,7 @@ def _int_tuple(value: Any, name: str) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class MSFlowConfig:
+class MSFlowConfig(ModelConfig):
     """MSFlow model configuration; the defaults are the official ones (MSFLOW_SPEC.md §1.12).
 
     Attributes:
@@ -39,7 +40,8 @@ class MSFlowConfig:
         clamp_form: ``"tanh"`` (FrEIA 0.2, official) or ``"tanh_scaled"`` (FrEIA >= 2023-08).
         top_k: fraction of pixels averaged into the image score.
         score: which score ``predict`` reports as ``score``: ``"official"`` (top-k mean of the "mul"
-            map, saturates at 1.0 for large likelihood gaps) or ``"log_space"`` (same ranking, in nats).
+            map; exactly 1.0 once the top-k pixels lie 17.3 nats or more below the image's most
+            likely pixel in float32) or ``"log_space"`` (the top-k mean of those gaps, in nats).
 
     The fusion subnet's hidden width is not a field: it is fixed by the architecture at
     ``sum(C_k // 2) // 4`` (224 for the official widths; the official ``mid_channels`` argument is ignored).
@@ -59,15 +61,7 @@ class MSFlowConfig:
     score: str = "official"
 
     def __post_init__(self) -> None:
-        size = self.input_size
-        if isinstance(size, int) and not isinstance(size, bool):
-            size = (size, size)
-        size = _int_tuple(size, "input_size")
-        if len(size) == 1:
-            size = (size[0], size[0])
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"input_size must be a positive int or a pair (H, W), got {self.input_size!r}")
-        object.__setattr__(self, "input_size", size)
+        normalize_input_size(self)
         if not isinstance(self.backbone, str) or not self.backbone:
             raise TypeError(f"backbone must be a non-empty timm model name, got {self.backbone!r}")
         if not isinstance(self.pretrained, bool):
@@ -96,31 +90,6 @@ class MSFlowConfig:
         object.__setattr__(self, "top_k", float(self.top_k))
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-
-    def replace(self, **changes: Any) -> "MSFlowConfig":
-        """A copy with ``changes`` applied (validated); unknown names raise ``TypeError``."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown MSFlowConfig field(s): {sorted(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain ``dict`` (lists for tuples), JSON-serialisable."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MSFlowConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise ``TypeError``."""
-        if not isinstance(data, dict):
-            raise TypeError(f"MSFlowConfig.from_dict needs a dict, got {type(data).__name__}")
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown MSFlowConfig field(s): {sorted(unknown)}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()})
 
 
 __all__ = ["MSFlowConfig", "POOL_TYPES", "SCORES"]

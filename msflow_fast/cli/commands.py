@@ -1,0 +1,402 @@
+"""The subcommands: ``train``, ``eval``, ``predict``, ``demo`` and ``models``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config_flags import add_config_arguments, config_from_args, config_overrides
+
+__all__ = ["COMMANDS", "DEFAULT_MODEL", "model_name_from_argv"]
+
+DEFAULT_MODEL = "msflow"
+_MODEL_COMMANDS = ("train", "demo")
+
+
+def model_name_from_argv(argv: list[str]) -> str:
+    """The ``--model`` of a ``train`` / ``demo`` command line (before parsing: it decides the flags).
+
+    Raises:
+        ValueError: an unknown model name (the message lists close and registered names).
+    """
+    from msflow_fast.models import registry
+
+    name = DEFAULT_MODEL
+    for i, arg in enumerate(argv):
+        if arg == "--model" and i + 1 < len(argv):
+            name = argv[i + 1]
+        elif arg.startswith("--model="):
+            name = arg.split("=", 1)[1]
+    registry.get(name)
+    return name
+
+
+def _model_class(name: str) -> type:
+    from msflow_fast.models import registry
+
+    return registry.get(name)
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+def _device(name: str | None):
+    """``--device``: ``auto`` (cuda if available, else cpu) or a torch device that exists here."""
+    import torch
+
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:1, ... or auto") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no CUDA GPU is usable here (torch.cuda.is_available() is False); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def _model_from_checkpoint(path: str | Path, device) -> tuple[Any, dict]:
+    """Rebuild the model a checkpoint holds (``train``'s ``last.pt``, its folder or a saved model), on ``device``.
+
+    Stored backbone weights are used as they are; a pretrained backbone (not stored) comes from
+    timm's pretrained weights (network access or the timm cache).
+    """
+    from msflow_fast.models import checkpoint
+
+    state = checkpoint.read(path)
+    model = checkpoint.load_model(state)
+    return model.to(device), state
+
+
+def _print_metrics(metrics: dict[str, Any], stream=None) -> None:
+    stream = stream or sys.stdout
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100.0 * v:.2f}"
+
+    print(
+        f"image AUROC {pct(metrics['image_auroc'])}  pixel AUROC {pct(metrics['pixel_auroc'])}  "
+        f"AUPRO {pct(metrics['aupro'])}  (percent; {metrics['num_images']} test images, "
+        f"{metrics['images_per_second']:.1f} images/s)",
+        file=stream,
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _finite_number(text: str, *, minimum: float, inclusive: bool) -> float:
+    expected = f"a finite number {'>=' if inclusive else '>'} {minimum:g}"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not (value >= minimum if inclusive else value > minimum) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _finite_number(text, minimum=0.0, inclusive=False)
+
+
+def _non_negative_float(text: str) -> float:
+    return _finite_number(text, minimum=0.0, inclusive=True)
+
+
+def _grad_clip(text: str) -> float | bool:
+    if text.lower() in ("none", "off", "no"):
+        return False
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive max norm, or 'none' for no clipping, got {text!r}") from None
+
+
+def _add_common(p: argparse.ArgumentParser, *, data: bool, batch_default: int | None = 8) -> None:
+    if data:
+        p.add_argument("--data", required=True, help="dataset root in the MVTec AD layout (MVTec AD, BTAD, VisA 1cls, ...)")
+        p.add_argument("--category", default=None, help="class folder under --data (e.g. bottle); omit if --data is the class folder")
+    if batch_default is not None:
+        p.add_argument("--batch-size", type=_positive_int, default=batch_default, help=f"images per batch (default: {batch_default})")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_model_choice(p: argparse.ArgumentParser, model: str) -> Any:
+    from msflow_fast.models import registry
+
+    p.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="NAME",
+        help=f"registered model (one of {', '.join(registry.available())}; default: {DEFAULT_MODEL}); "
+        "its config fields are the flags below (msflow-fast <command> --model NAME --help)",
+    )
+    return _model_class(model)
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
+    """Training flags; unset ones keep the model's recipe (first stage shown)."""
+    stage = cls.recipe_for(cls.config_class()).stages[0]
+    defaults = defaults or {}
+    group = p.add_argument_group(f"training (unset flags keep the {cls.name} recipe{' of each stage' if len(cls.recipe_for(cls.config_class()).stages) > 1 else ''})")
+
+    def shown(name: str, value: Any) -> str:
+        return str(defaults.get(name, value))
+
+    group.add_argument("--epochs", type=_positive_int, default=defaults.get("epochs"), help=f"epochs (default: {shown('epochs', stage.epochs)})")
+    group.add_argument("--lr", type=_positive_float, default=defaults.get("lr"), help=f"learning rate (default: {shown('lr', stage.lr)}, {stage.optimizer})")
+    group.add_argument("--batch-size", type=_positive_int, default=defaults.get("batch_size"), help=f"images per step, per process under torchrun (default: {shown('batch_size', stage.batch_size)})")
+    group.add_argument("--weight-decay", type=_non_negative_float, default=None, help=f"optimizer weight decay (default: {stage.weight_decay})")
+    group.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="NORM", help=f"max gradient norm, or 'none' (default: {stage.grad_clip or 'none'})")
+
+
+def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def _add_train(p: argparse.ArgumentParser, model: str) -> None:
+    cls = _add_model_choice(p, model)
+    _add_common(p, data=True, batch_default=None)
+    p.add_argument("--out", default=None, help="output folder for last.pt, metrics.json, scores.csv (default: runs/<category>)")
+    _add_recipe_flags(p, cls)
+    p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast mixed precision (default: off)")
+    p.add_argument("--seed", type=int, default=9826, help="seed for weights and shuffling (default: 9826)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt after its last finished epoch")
+    p.add_argument("--checkpoint", default=None, help="resume from this checkpoint instead of <out>/last.pt")
+    p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
+    p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
+    add_config_arguments(p, cls.config_class)
+
+
+def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps: bool, resume: Any = None) -> dict[str, Any] | None:
+    """Train (then evaluate). ``resume``: the checkpoint dict the model was built from, handed to
+    ``fit`` so the file is read once."""
+    import torch
+
+    from msflow_fast.engine import MVTecDataset, evaluate, fit
+
+    device = _device(args.device)
+    input_size = model.input_size
+    train_set = MVTecDataset(args.data, args.category, "train", input_size=input_size)
+    test_set = None
+    if not args.no_eval:
+        test_set = MVTecDataset(args.data, args.category, "test", input_size=input_size)
+    args.checkpoint_written = out / "last.pt"
+    result = fit(
+        model, train_set, **_fit_options(args), num_workers=args.workers, out_dir=out, resume=resume or False,
+        amp=args.amp, device=device, seed=args.seed, progress=not args.no_progress,
+    )
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    if rank0:
+        if result.start_epoch >= result.epochs:
+            print(f"nothing to train: {out / 'last.pt'} has finished all {result.epochs} epochs; evaluating it")
+        else:
+            print(f"trained epochs {result.start_epoch + 1}-{result.epochs} in {result.seconds:.1f} s; checkpoint {out / 'last.pt'}")
+    if test_set is None or not rank0:
+        return None
+    batch = args.batch_size or model.recipe().stages[-1].batch_size
+    metrics = evaluate(model, test_set, batch_size=batch, num_workers=args.workers, device=device, out_dir=out, heatmaps=heatmaps, progress=not args.no_progress)
+    _print_metrics(metrics)
+    return metrics
+
+
+def _init_distributed(args: argparse.Namespace) -> bool:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on GPU, gloo on CPU."""
+    import os
+
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    device = _device(args.device)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    joined = _init_distributed(args)
+    try:
+        return _train(args)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from msflow_fast.engine import CHECKPOINT_NAME, seed_everything
+
+    cls = _model_class(args.model)
+    out = Path(args.out) if args.out else Path("runs") / (args.category or Path(args.data).name)
+    config = config_from_args(args, cls.config_class)
+    _device(args.device)  # a bad --device fails before anything is built or written
+    seed_everything(args.seed)
+    state = None
+    if args.resume or args.checkpoint:
+        ckpt = Path(args.checkpoint) if args.checkpoint else out / CHECKPOINT_NAME
+        if ckpt.exists():
+            model, state = _model_from_checkpoint(ckpt, "cpu")
+            if state["model"] != cls.name:
+                raise ValueError(f"{ckpt} holds a {state['model']!r} model; resume it with --model {state['model']}")
+            if config_overrides(args, cls.config_class):
+                print("note: config flags are ignored when resuming; the checkpoint's config is used", file=sys.stderr)
+        elif args.checkpoint:
+            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        else:
+            print(f"note: --resume found no {ckpt}; starting a new run", file=sys.stderr)
+            model = cls(config)
+    else:
+        model = cls(config)
+    # The checkpoint dict goes to fit as it is: last.pt is read once per resume.
+    _train_and_eval(args, model, out, heatmaps=args.heatmaps, resume=state)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval / predict
+
+_CHECKPOINT_HELP = (
+    "last.pt written by train (or its folder) or a saved model; a pretrained timm backbone is not stored "
+    "and is rebuilt from timm (network or its cache)"
+)
+
+
+def _add_eval(p: argparse.ArgumentParser, model: str) -> None:
+    _add_common(p, data=True)
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--out", default=None, help="folder for metrics.json, scores.csv, heatmaps/ (default: the checkpoint's folder)")
+    p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
+    p.add_argument("--fpr-limit", type=_positive_float, default=0.3, help="AUPRO integration limit (default: 0.3)")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from msflow_fast.engine import MVTecDataset, evaluate
+
+    device = _device(args.device)
+    model, state = _model_from_checkpoint(args.checkpoint, device)
+    out = Path(args.out) if args.out else Path(state["path"]).parent
+    test_set = MVTecDataset(args.data, args.category, "test", input_size=model.input_size)
+    metrics = evaluate(model, test_set, batch_size=args.batch_size, num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, out_dir=out, heatmaps=args.heatmaps, progress=not args.no_progress)
+    _print_metrics(metrics)
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def _add_predict(p: argparse.ArgumentParser, model: str) -> None:
+    _add_common(p, data=False)
+    p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    p.add_argument("--input", required=True, nargs="+", help="image files or one folder of images")
+    p.add_argument("--out", required=True, help="folder for heatmaps/*.png and scores.csv")
+    p.add_argument("--vmax", type=_positive_float, default=None, help="top of the heat-map colour range (default: the largest map value)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from msflow_fast.engine import predict_folder
+
+    device = _device(args.device)
+    model, _ = _model_from_checkpoint(args.checkpoint, device)
+    source: Any = args.input[0] if len(args.input) == 1 else args.input
+    results = predict_folder(model, source, args.out, batch_size=args.batch_size, num_workers=args.workers, device=device, vmax=args.vmax, progress=not args.no_progress)
+    for r in results:
+        print(f"{r['score']:.6g}\t{r['path']}")
+    print(f"wrote {len(results)} heat maps to {Path(args.out) / 'heatmaps'} and {Path(args.out) / 'scores.csv'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+def _add_demo(p: argparse.ArgumentParser, model: str) -> None:
+    cls = _add_model_choice(p, model)
+    p.add_argument("--out", default=None, help="output folder (default: a new temporary folder)")
+    p.add_argument("--num-train", type=_positive_int, default=48, help="synthetic normal training images (default: 48)")
+    p.add_argument("--num-test", type=_positive_int, default=32, help="synthetic test images, half with defects (default: 32)")
+    _add_recipe_flags(p, cls, dict(cls.demo_training))
+    p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_arguments(p, cls.config_class, dict(cls.demo_config))
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from msflow_fast.engine import MVTecDataset, evaluate, fit, seed_everything, write_synthetic_dataset
+
+    started = time.perf_counter()
+    cls = _model_class(args.model)
+    config = config_from_args(args, cls.config_class, **dict(cls.demo_config))
+    device = _device(args.device)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="msflow_demo_"))
+    height, width = config.input_size
+    data_root = write_synthetic_dataset(out / "data", "synthetic", num_train=args.num_train, num_test=args.num_test, input_size=height, seed=args.seed)
+    print(f"synthetic dataset: {data_root} ({args.num_train} train, {args.num_test} test images, {height}x{width} px)")
+    seed_everything(args.seed)
+    model = cls(config)
+    train_set = MVTecDataset(data_root, None, "train", input_size=config.input_size)
+    test_set = MVTecDataset(data_root, None, "test", input_size=config.input_size)
+    run = out / "run"
+    args.checkpoint_written = run / "last.pt"
+    result = fit(model, train_set, **_fit_options(args), out_dir=run, device=device, seed=args.seed, progress=not args.no_progress)
+    print(f"trained {result.epochs} epochs of {cls.name} in {result.seconds:.1f} s (final loss {result.losses[-1]:.6g})")
+    batch = args.batch_size or model.recipe().stages[-1].batch_size
+    metrics = evaluate(model, test_set, batch_size=batch, device=device, out_dir=run, heatmaps=True, progress=not args.no_progress)
+    _print_metrics(metrics)
+    print(f"heat maps: {run / 'heatmaps'}  metrics: {run / 'metrics.json'}  checkpoint: {run / 'last.pt'}")
+    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _add_models(p: argparse.ArgumentParser, model: str) -> None:
+    p.add_argument("--verbose", action="store_true", help="also print each model's class and recipe")
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from msflow_fast.models import registry
+
+    rows = registry.describe()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        tag = " [interpretation of a paper without public code]" if r["interpretation"] else ""
+        print(f"{r['name']:<{width}}  {r['summary']}{tag}")
+        if args.verbose:
+            cls = registry.get(r["name"])
+            stages = cls.recipe_for(cls.config_class()).stages
+            recipe = "; ".join(
+                f"{s.name}: {s.optimizer} lr {s.lr:g}, {s.epochs} epochs, batch {s.batch_size}, clip {s.grad_clip or 'none'}" for s in stages
+            )
+            print(f"{'':<{width}}  {r['class']}  ({recipe})")
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser, str], None], Callable[[argparse.Namespace], int]]] = {
+    "train": ("train on the train/good images of a class, then evaluate its test split", _add_train, _run_train),
+    "eval": ("evaluate a checkpoint on a test split: image AUROC, pixel AUROC, AUPRO", _add_eval, _run_eval),
+    "predict": ("score images and write heat-map overlays (PNG) and scores.csv", _add_predict, _run_predict),
+    "demo": ("generate a synthetic defect dataset, train a small model on CPU, evaluate, write heat maps", _add_demo, _run_demo),
+    "models": ("list the registered models, one line each", _add_models, _run_models),
+}

@@ -1,0 +1,57 @@
+"""The model zoo: one folder per model, and the parts they share.
+
+- :mod:`.base`: the protocol the engine knows models by (:class:`AnomalyModel`,
+  :class:`Prediction`, :class:`TrainRecipe`).
+- :mod:`.registry`: models by name (``register``, ``get``, ``create``, ``available``).
+- :mod:`.checkpoint`: one checkpoint format for every model (``save``, ``read``, ``load_model``).
+- :mod:`.export`: ``torch.export`` / ONNX of any model's ``predict``.
+- :mod:`.extractor`, :mod:`.positional`: the frozen feature extractor and the 2-D positional encoding.
+- :mod:`.msflow`: MSFlow (TNNLS 2024).
+
+Importing this package registers every model in it.
+"""
+
+from __future__ import annotations
+
+from . import registry
+from .base import METRICS, AnomalyModel, LRSchedule, ModelConfig, Prediction, TrainRecipe, TrainStage, as_batch
+from .checkpoint import checkpoint_state, load_model, load_weights, read, save
+from .export import PredictModule, export_onnx, export_predict, output_names
+from .extractor import FeatureExtractor, use_reflect_padding
+from .positional import PositionalEncoding2d, positional_encoding_2d
+from .registry import available, create, get, register
+
+from . import msflow  # noqa: E402  (registers "msflow")
+from .msflow import MSFlow, MSFlowConfig  # noqa: E402
+
+__all__ = [
+    "METRICS",
+    "AnomalyModel",
+    "FeatureExtractor",
+    "LRSchedule",
+    "MSFlow",
+    "MSFlowConfig",
+    "ModelConfig",
+    "PositionalEncoding2d",
+    "Prediction",
+    "PredictModule",
+    "TrainRecipe",
+    "TrainStage",
+    "as_batch",
+    "available",
+    "checkpoint_state",
+    "create",
+    "export_onnx",
+    "export_predict",
+    "get",
+    "load_model",
+    "load_weights",
+    "msflow",
+    "output_names",
+    "positional_encoding_2d",
+    "read",
+    "register",
+    "registry",
+    "save",
+    "use_reflect_padding",
+]
