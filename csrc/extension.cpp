@@ -14,6 +14,11 @@ PyObject* PyInit__C(void) {
 
 namespace msflow_fast {
 
+// Bumped whenever an op schema changes; msflow_fast/ops/_extension.py refuses a stale build.
+constexpr int64_t kAbiVersion = 2;
+
+int64_t abi_version() { return kAbiVersion; }
+
 bool compiled_with_cuda() {
 #ifdef MSFLOW_FAST_WITH_CUDA
   return true;
@@ -26,4 +31,5 @@ bool compiled_with_cuda() {
 
 TORCH_LIBRARY(msflow_fast, m) {
   m.def("compiled_with_cuda() -> bool", &msflow_fast::compiled_with_cuda);
+  m.def("abi_version() -> int", &msflow_fast::abi_version);
 }

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from ._build import build_info
 from . import ops
 from .models import MSFlow, MSFlowConfig, available, create, load_model, save

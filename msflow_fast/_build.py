@@ -17,7 +17,7 @@ def build_info() -> dict[str, Any]:
         ``triton_interpret`` (``TRITON_INTERPRET=1``), ``cuda_available`` and ``backends``
         (per device, as :func:`msflow_fast.ops.available_backends`).
     """
-    from . import __version__
+    from ._version import __version__
     from .ops import available_backends
     from .ops._backend import triton_interpreter_enabled
     from .ops._extension import extension_info

@@ -22,8 +22,10 @@ def image_size_hw(size: Any, name: str = "input_size") -> tuple[int, int]:
             values = (values[0], values[0])
     else:
         raise TypeError(f"{name} must be a positive int or an (H, W) pair of ints, got {type(size).__name__} {size!r}")
-    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TypeError(f"{name} must be a positive int or an (H, W) pair of ints, got {size!r}")
+    if len(values) != 2:
+        raise ValueError(f"{name} must be one side or an (H, W) pair, got {len(values)} values: {size!r}")
     if min(values) < 1:
         raise ValueError(f"{name} must be positive, got {size!r}")
     return int(values[0]), int(values[1])

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from msflow_fast.engine import MVTecDataset, SyntheticDefects, denormalize, write_synthetic_dataset
-from msflow_fast.engine.data import ImageFolderDataset, _synthetic_sample
+from msflow_fast.engine.data import ImageFolderDataset
+from msflow_fast.engine.data.synthetic import _synthetic_sample
 
 
 def _png(path, size=(20, 20), mode="RGB", value=None):
@@ -196,3 +197,112 @@ def test_check_finite_images():
     many = torch.full((7, 3, 2, 2), float("nan"))
     with pytest.raises(ValueError, match=r"image 4 of the batch and 2 more contain"):
         check_finite_images(many)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel formats: every mode into [0, 1], or refused naming the file and its mode
+# ---------------------------------------------------------------------------------------------
+
+
+def _raw(path):
+    """The [0, 1] pixels ``load_image`` read (undoing the normalisation), ``[H, W, 3]``."""
+    from msflow_fast.engine.data import load_image
+
+    image, size = load_image(path, None)
+    return denormalize(image).permute(1, 2, 0).numpy(), size
+
+
+def test_16_bit_grey_png_reads_its_values_not_white(tmp_path):
+    ramp = np.linspace(0, 65535, 24 * 32).reshape(24, 32).astype(np.uint16)
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    pixels, size = _raw(path)
+    assert size == (32, 24)
+    np.testing.assert_allclose(pixels[..., 0], ramp / 65535.0, atol=1e-5)
+    np.testing.assert_allclose(pixels[..., 0], pixels[..., 2], atol=1e-6)  # grey replicated
+    # resized in float: the mean brightness stays, no clipping to white
+    from msflow_fast.engine.data import load_image
+
+    small, _ = load_image(path, (12, 16))
+    assert abs(float(denormalize(small).mean()) - 0.5) < 0.01
+
+
+def test_float_tiff_in_range_reads_as_is_and_out_of_range_is_refused(tmp_path):
+    values = np.random.default_rng(0).random((10, 12)).astype(np.float32)
+    good = tmp_path / "good.tiff"
+    Image.fromarray(values, mode="F").save(good)
+    pixels, _ = _raw(good)
+    np.testing.assert_allclose(pixels[..., 1], values, atol=1e-6)
+    for name, data, message in (
+        ("hdr.tiff", values * 300.0, r"float pixels span \[.*\]; expected values in \[0, 1\]"),
+        ("nan.tiff", np.where(values > 0.5, np.nan, values).astype(np.float32), "NaN or infinity"),
+    ):
+        path = tmp_path / name
+        Image.fromarray(data.astype(np.float32), mode="F").save(path)
+        with pytest.raises(ValueError, match=f"{name}.*{message}"):
+            _raw(path)
+
+
+def test_32_bit_integer_images_beyond_16_bits_are_refused(tmp_path):
+    path = tmp_path / "i32.tiff"
+    Image.fromarray(np.full((6, 6), 70000, np.int32), mode="I").save(path)
+    with pytest.raises(ValueError, match=r"i32\.tiff: 32-bit integer pixels span \[70000, 70000\]"):
+        _raw(path)
+    ok = tmp_path / "i32ok.tiff"
+    Image.fromarray(np.full((6, 6), 32768, np.int32), mode="I").save(ok)
+    np.testing.assert_allclose(_raw(ok)[0], 32768 / 65535, atol=1e-5)
+
+
+def test_palette_alpha_and_bilevel_images_read_their_colours(tmp_path):
+    rgb = np.random.default_rng(1).integers(0, 256, (8, 10, 3), dtype=np.uint8)
+    expected = rgb.astype(np.float32) / 255.0
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([rgb, np.full((8, 10), 7, np.uint8)]), mode="RGBA").save(rgba)
+    np.testing.assert_allclose(_raw(rgba)[0], expected, atol=1e-6)  # alpha dropped, colours kept
+    palette = tmp_path / "palette.png"
+    Image.fromarray(rgb).quantize(16).save(palette)
+    assert Image.open(palette).mode == "P"
+    quantized = np.asarray(Image.open(palette).convert("RGB"), np.float32) / 255.0
+    np.testing.assert_allclose(_raw(palette)[0], quantized, atol=1e-6)
+    grey_alpha = tmp_path / "la.png"
+    Image.fromarray(np.dstack([rgb[..., 0], rgb[..., 1]]), mode="LA").save(grey_alpha)
+    np.testing.assert_allclose(_raw(grey_alpha)[0][..., 2], expected[..., 0], atol=1e-6)
+    bilevel = tmp_path / "one.png"
+    Image.fromarray(rgb[..., 0] > 127).convert("1").save(bilevel)
+    values = _raw(bilevel)[0]
+    assert np.all((np.abs(values) < 1e-6) | (np.abs(values - 1.0) < 1e-6))
+
+
+def test_non_binary_masks_warn_and_binarise_at_half_range(tmp_path):
+    from msflow_fast.engine.data import load_mask
+
+    jpeg_like = np.zeros((10, 10), np.uint8)
+    jpeg_like[2:6, 2:6] = 250
+    jpeg_like[6:8, 2:6] = 9  # compression noise around the defect
+    path = tmp_path / "jpeg_mask.png"
+    Image.fromarray(jpeg_like).save(path)
+    with pytest.warns(UserWarning, match=r"jpeg_mask\.png is not binary .* binarised at > 127\.5"):
+        mask = load_mask(path, None)
+    assert int(mask.sum()) == 16
+    binary = tmp_path / "ones.png"
+    Image.fromarray((jpeg_like > 100).astype(np.uint8)).save(binary)  # 0/1 masks: any non-zero pixel
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert int(load_mask(binary, None).sum()) == 16
+    mask16 = tmp_path / "mask16.png"
+    Image.fromarray((jpeg_like > 100).astype(np.uint16) * 65535).save(mask16)
+    assert int(load_mask(mask16, None).sum()) == 16
+
+
+def test_check_files_reports_every_bad_file_before_decoding(tmp_path):
+    base = _layout(tmp_path)
+    test = MVTecDataset(tmp_path, "cat", "test", input_size=16)
+    test.check_files()  # all good
+    bad = base / "test" / "good" / "000.png"
+    bad.write_bytes(bad.read_bytes()[:70])
+    Image.fromarray(np.zeros((12, 20), np.uint8)).save(base / "ground_truth" / "crack" / "000_mask.png")
+    with pytest.raises(ValueError, match=r"(?s)2 bad file\(s\) in .*test:\n.*000_mask\.png is 20x12 but its image is 20x20.*good/000\.png: OSError: Truncated"):
+        test.check_files()

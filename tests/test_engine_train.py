@@ -363,7 +363,6 @@ class _TwoStage(TinyFlowModel):
 
 
 def test_two_stage_recipe_runs_stages_in_order_and_resumes_mid_stage(tmp_path):
-    _TwoStage.name = "tiny_flow"  # checkpoints store the registry name; same weights as tiny_flow
     model = _TwoStage(input_size=16)
     model.stages_seen = []
     sigma_before = model.log_sigma.detach().clone()
@@ -424,12 +423,24 @@ class _Saturating(TinyFlowModel):
 
 
 def test_non_finite_weights_never_replace_the_last_good_checkpoint(tmp_path):
-    # lr 1e20, warm-up from 0.1: epoch 1 moves the weights to about -1e19 (finite, checkpointed);
-    # epoch 2 multiplies them by (1 - 1e20): past float32's range, while the loss stays finite.
+    # AdamW with weight decay 1 multiplies the weights by (1 - lr) per step, then adds Adam's step
+    # (about -lr). lr 1e20 after a one-epoch warm-up from 1e-20: epoch 1 (lr 1) leaves -1, epoch 2
+    # about 1e20 (finite, checkpointed), epoch 3 about -1e40: past float32's range, while the loss
+    # (tanh of the weights) stays finite. The last epoch's checkpoint must not replace epoch 2's.
     model = _Saturating(input_size=16)
-    with pytest.raises(RuntimeError, match=r"non-finite training weights .* end of epoch 2 .*last\.pt \(not replaced\)"):
-        fit(model, _Images(n=4), lr=1e20, warmup_epochs=1, out_dir=tmp_path, progress=False)
+    with pytest.raises(RuntimeError, match=r"non-finite training weights .* end of epoch 3 .*last\.pt \(not replaced\)"):
+        fit(model, _Images(n=4), lr=1e20, warmup_epochs=1, warmup_start=1e-20, out_dir=tmp_path, progress=False)
     state = load_checkpoint(tmp_path)
-    assert state["training"]["epoch"] == 0
+    assert state["training"]["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["weights"].values())
     assert not torch.isfinite(model.mu).all()
+
+
+def test_schedule_overrides_that_change_nothing_are_refused():
+    model = _Saturating(input_size=16)  # a constant-rate recipe
+    with pytest.raises(ValueError, match="warmup_epochs=2 has no effect.*warmup_start"):
+        fit(model, _Images(n=4), warmup_epochs=2, progress=False)
+    with pytest.raises(ValueError, match="milestones=.1. have no effect.*gamma"):
+        fit(model, _Images(n=4), milestones=[1], progress=False)
+    result = fit(model, _Images(n=4), lr=1.0, warmup_epochs=2, warmup_start=0.5, milestones=[2], gamma=0.1, progress=False)
+    assert result.lrs == pytest.approx([0.5, 0.75, 0.1])

@@ -171,15 +171,24 @@ def test_one_aggregation_pass_gradients_are_the_reference(backend):
         torch.testing.assert_close(g, r)
 
 
-def test_official_score_saturates_at_the_measured_gaps():
-    """1 - exp(-d) rounds to exactly 1.0 from d = 25 ln 2 = 17.33 nats in float32, 54 ln 2 = 37.43 in float64."""
+@pytest.mark.parametrize("backend", ["reference", *_backends("aggregate_anomaly_maps")])
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, 25), (torch.float64, 54)], ids=["float32", "float64"])
+def test_official_score_saturates_at_the_documented_gaps(backend, dtype, bits):
+    """The "mul" map (and so the official score) is exactly 1.0 from a gap of bits * ln 2 nats:
+    17.33 in float32, 37.43 in float64; the log-space score still tells the images apart."""
     import math
 
-    for dtype, bits in ((torch.float32, 25), (torch.float64, 54)):
-        edge = bits * math.log(2.0)
-        gaps = torch.tensor([edge - 0.05, edge + 0.05], dtype=dtype)
-        official = 1.0 - torch.exp(-gaps)
-        assert official[0] < 1.0 and official[1] == 1.0, dtype
+    edge = bits * math.log(2.0)
+    maps = []
+    for gap in (edge - 0.1, edge + 0.1):  # one image per gap: its other pixels are the most likely (L = 0)
+        image = torch.zeros(1, 4, 4, dtype=dtype, device=DEVICE)
+        image[0, 0, 0] = -gap
+        maps.append(image)
+    maps = [torch.cat(maps)]
+    _, mul, score, log_score = ops.aggregate_anomaly_maps(maps, (4, 4), top_k=1 / 16, log_space_score=True, backend=backend)
+    assert mul[0, 0, 0] < 1.0 and mul[1, 0, 0] == 1.0, (backend, mul[:, 0, 0])
+    assert score[0] < 1.0 and score[1] == 1.0
+    torch.testing.assert_close(log_score, torch.tensor([edge - 0.1, edge + 0.1], dtype=dtype, device=DEVICE))
 
 
 @pytest.mark.parametrize("backend", _all_backends())

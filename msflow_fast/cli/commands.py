@@ -26,6 +26,8 @@ def model_name_from_argv(argv: list[str]) -> str:
     from msflow_fast.models import registry
 
     name = DEFAULT_MODEL
+    if not argv or argv[0] not in _MODEL_COMMANDS:
+        return name
     for i, arg in enumerate(argv):
         if arg == "--model" and i + 1 < len(argv):
             name = argv[i + 1]
@@ -181,6 +183,7 @@ def _add_train(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None, help="autocast mixed precision (default: off)")
     p.add_argument("--seed", type=int, default=9826, help="seed for weights and shuffling (default: 9826)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt after its last finished epoch")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run (its files are removed)")
     p.add_argument("--checkpoint", default=None, help="resume from this checkpoint instead of <out>/last.pt")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
     p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
@@ -200,11 +203,16 @@ def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps
     test_set = None
     if not args.no_eval:
         test_set = MVTecDataset(args.data, args.category, "test", input_size=input_size)
+    # Before epoch 1: every image and mask opens, masks fit their images (not hours later, at evaluation).
+    train_set.check_files()
+    if test_set is not None:
+        test_set.check_files()
     args.checkpoint_written = out / "last.pt"
     result = fit(
         model, train_set, **_fit_options(args), num_workers=args.workers, out_dir=out, resume=resume or False,
-        amp=args.amp, device=device, seed=args.seed, progress=not args.no_progress,
+        overwrite=getattr(args, "overwrite", False), amp=args.amp, device=device, seed=args.seed, progress=not args.no_progress,
     )
+    _print_warnings(result.warnings)
     rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
     if rank0:
         if result.start_epoch >= result.epochs:
@@ -216,7 +224,13 @@ def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps
     batch = args.batch_size or model.recipe().stages[-1].batch_size
     metrics = evaluate(model, test_set, batch_size=batch, num_workers=args.workers, device=device, out_dir=out, heatmaps=heatmaps, progress=not args.no_progress)
     _print_metrics(metrics)
+    _print_warnings(metrics["warnings"])
     return metrics
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _init_distributed(args: argparse.Namespace) -> bool:
@@ -248,12 +262,31 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from msflow_fast.engine.run_folder import RunLock
+
+    out = Path(args.out) if args.out else Path("runs") / (args.category or Path(args.data).name)
+    config = config_from_args(args, _model_class(args.model).config_class)
+    _device(args.device)  # a bad --device or config fails before anything is built or written
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return _train_locked(args, out, config)
+    with RunLock(out):  # one training per folder; fit takes it again (re-entrant)
+        return _train_locked(args, out, config)
+
+
+def _train_locked(args: argparse.Namespace, out: Path, config: Any) -> int:
     from msflow_fast.engine import CHECKPOINT_NAME, seed_everything
+    from msflow_fast.engine.run_folder import previous_run
 
     cls = _model_class(args.model)
-    out = Path(args.out) if args.out else Path("runs") / (args.category or Path(args.data).name)
-    config = config_from_args(args, cls.config_class)
-    _device(args.device)  # a bad --device fails before anything is built or written
+    resuming = bool(args.resume or args.checkpoint)
+    earlier = previous_run(out)
+    if earlier and not resuming and not args.overwrite:
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(earlier)}); continue it with --resume, start over with "
+            "--overwrite, or choose another --out"
+        )
     seed_everything(args.seed)
     state = None
     if args.resume or args.checkpoint:
@@ -294,13 +327,17 @@ def _add_eval(p: argparse.ArgumentParser, model: str) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from msflow_fast.engine import MVTecDataset, evaluate
+    from msflow_fast.engine.run_folder import RunLock
 
     device = _device(args.device)
     model, state = _model_from_checkpoint(args.checkpoint, device)
     out = Path(args.out) if args.out else Path(state["path"]).parent
     test_set = MVTecDataset(args.data, args.category, "test", input_size=model.input_size)
-    metrics = evaluate(model, test_set, batch_size=args.batch_size, num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, out_dir=out, heatmaps=args.heatmaps, progress=not args.no_progress)
+    test_set.check_files()
+    with RunLock(out, "evaluation"):
+        metrics = evaluate(model, test_set, batch_size=args.batch_size, num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, out_dir=out, heatmaps=args.heatmaps, progress=not args.no_progress)
     _print_metrics(metrics)
+    _print_warnings(metrics["warnings"])
     print(f"wrote {out / 'metrics.json'}")
     return 0
 
@@ -311,19 +348,33 @@ def _add_predict(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--input", required=True, nargs="+", help="image files or one folder of images")
     p.add_argument("--out", required=True, help="folder for heatmaps/*.png and scores.csv")
     p.add_argument("--vmax", type=_positive_float, default=None, help="top of the heat-map colour range (default: the largest map value)")
+    p.add_argument("--skip-unreadable", action="store_true", help="score the readable images and list the others (default: stop, naming them)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    import torch
+
     from msflow_fast.engine import predict_folder
+    from msflow_fast.engine.evaluate import score_warnings
+    from msflow_fast.engine.run_folder import RunLock
 
     device = _device(args.device)
     model, _ = _model_from_checkpoint(args.checkpoint, device)
     source: Any = args.input[0] if len(args.input) == 1 else args.input
-    results = predict_folder(model, source, args.out, batch_size=args.batch_size, num_workers=args.workers, device=device, vmax=args.vmax, progress=not args.no_progress)
-    for r in results:
+    with RunLock(args.out, "prediction"):
+        results = predict_folder(
+            model, source, args.out, batch_size=args.batch_size, num_workers=args.workers, device=device, vmax=args.vmax,
+            skip_unreadable=args.skip_unreadable, progress=not args.no_progress,
+        )
+    scored = [r for r in results if r["error"] is None]
+    for r in scored:
         print(f"{r['score']:.6g}\t{r['path']}")
-    print(f"wrote {len(results)} heat maps to {Path(args.out) / 'heatmaps'} and {Path(args.out) / 'scores.csv'}")
-    return 0
+    for r in results:
+        if r["error"] is not None:
+            print(f"skipped: {r['error']}", file=sys.stderr)
+    _print_warnings(score_warnings(torch.tensor([r["score"] for r in scored])) if len(scored) > 1 else [])
+    print(f"wrote {len(scored)} heat maps to {Path(args.out) / 'heatmaps'} and {Path(args.out) / 'scores.csv'}")
+    return 1 if len(scored) < len(results) else 0
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -358,11 +409,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     test_set = MVTecDataset(data_root, None, "test", input_size=config.input_size)
     run = out / "run"
     args.checkpoint_written = run / "last.pt"
-    result = fit(model, train_set, **_fit_options(args), out_dir=run, device=device, seed=args.seed, progress=not args.no_progress)
+    result = fit(model, train_set, **_fit_options(args), out_dir=run, overwrite=True, device=device, seed=args.seed, progress=not args.no_progress)
+    _print_warnings(result.warnings)
     print(f"trained {result.epochs} epochs of {cls.name} in {result.seconds:.1f} s (final loss {result.losses[-1]:.6g})")
     batch = args.batch_size or model.recipe().stages[-1].batch_size
     metrics = evaluate(model, test_set, batch_size=batch, device=device, out_dir=run, heatmaps=True, progress=not args.no_progress)
     _print_metrics(metrics)
+    _print_warnings(metrics["warnings"])
     print(f"heat maps: {run / 'heatmaps'}  metrics: {run / 'metrics.json'}  checkpoint: {run / 'last.pt'}")
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     return 0

@@ -30,9 +30,10 @@ from .._files import atomic_write_bytes, atomic_write_json
 from ..models.base import Prediction, as_batch, batch_paths
 from .data import check_finite_images, decoded_finite
 from .metrics import aupro, auroc
+from .run_folder import fresh_folder
 from .visualize import images_to_uint8, save_overlay
 
-__all__ = ["evaluate", "metric_map_name", "prediction_field"]
+__all__ = ["evaluate", "metric_map_name", "prediction_field", "score_warnings", "unique_stems"]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -48,8 +49,9 @@ def place(model: nn.Module, device: str | torch.device | None) -> torch.device:
     """Move ``model`` to ``device`` unless it is there already (a move drops inference caches)."""
     current = _device_of(model)
     target = torch.device(device) if device is not None else current
-    if target != current:
-        model.to(target)
+    if target.type == current.type and (target.index is None or target.index == current.index):
+        return current  # "cuda" is the model's cuda:N: no move (a move drops the inference caches)
+    model.to(target)
     return target
 
 
@@ -76,6 +78,34 @@ def prediction_field(pred: Any, name: str) -> torch.Tensor:
     if value is None:
         raise TypeError(f"model.predict: the result has no '{name}' field")
     return value
+
+
+def score_warnings(scores: torch.Tensor) -> list[str]:
+    """Warnings about image scores that cannot rank anything (all equal, or not finite)."""
+    out = []
+    finite = scores[torch.isfinite(scores)]
+    if finite.numel() < scores.numel():
+        out.append(f"{scores.numel() - finite.numel()} of {scores.numel()} image scores are NaN or infinite: the model or its inputs are broken")
+    if finite.numel() > 1 and bool(finite.max() == finite.min()):
+        out.append(
+            f"every image got the same score ({float(finite[0]):.6g}): the scores rank nothing (a diverged model, "
+            "or the official MSFlow score saturated at 1.0: try score=log_space)"
+        )
+    return out
+
+
+def unique_stems(names: list[str]) -> list[str]:
+    """File stems made unique: the first ``a`` stays ``a``, later ones become ``a_2``, ``a_3``, ... skipping taken names."""
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        candidate, n = name, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{name}_{n}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
 
 
 def _loader(data: Any, batch_size: int, num_workers: int):
@@ -157,7 +187,9 @@ def evaluate(
     Returns:
         ``{"image_auroc", "pixel_auroc", "aupro"}`` as fractions in [0, 1] (``None`` when undefined,
         e.g. a test set without anomalies), ``maps`` (the map each pixel metric read),
-        ``num_images``, ``num_anomalous``, ``seconds`` and ``images_per_second``.
+        ``num_images``, ``num_anomalous``, ``seconds``, ``images_per_second`` and ``warnings``
+        (e.g. every image scored the same). The overlays go to a fresh ``heatmaps/`` folder that
+        replaces the old one only once complete.
 
     Raises:
         ValueError: a batch of CPU images holds NaN or infinity (the message names the files when
@@ -252,6 +284,7 @@ def evaluate(
         "seconds": seconds,
         "images_per_second": filled / seconds if seconds > 0 else None,
         "units": "fraction",
+        "warnings": score_warnings(score_t),
     }
     if 0 < n_anom < filled:
         result["image_auroc"] = auroc(score_t, label_t)
@@ -269,8 +302,9 @@ def evaluate(
         if keep_images:
             maps = stores["anomaly_map"].tensor()
             vmax = float(maps.max())
-            for i in range(filled):
-                stem = Path(paths[i]).stem if paths[i] else f"{i:05d}"
-                overlay_mask = mask_t[i] if mask_t is not None else None
-                save_overlay(out / "heatmaps" / f"{defects[i] or 'image'}_{stem}.png", images_u8[i], maps[i], mask=overlay_mask, vmax=vmax)
+            names = unique_stems([f"{defects[i] or 'image'}_{Path(paths[i]).stem if paths[i] else f'{i:05d}'}" for i in range(filled)])
+            with fresh_folder(out / "heatmaps") as folder:
+                for i in range(filled):
+                    overlay_mask = mask_t[i] if mask_t is not None else None
+                    save_overlay(folder / f"{names[i]}.png", images_u8[i], maps[i], mask=overlay_mask, vmax=vmax)
     return result

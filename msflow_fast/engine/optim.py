@@ -35,16 +35,35 @@ class EpochSchedule:
 
     @classmethod
     def for_stage(
-        cls, stage: TrainStage, *, warmup_epochs: int | None = None, milestones: Iterable[int] | None = None, gamma: float | None = None
+        cls,
+        stage: TrainStage,
+        *,
+        warmup_epochs: int | None = None,
+        milestones: Iterable[int] | None = None,
+        gamma: float | None = None,
+        warmup_start: float | None = None,
     ) -> "EpochSchedule":
-        """The stage's schedule over its epochs; the arguments (in epochs) override it."""
+        """The stage's schedule over its epochs; the arguments (epochs, factors) override it.
+
+        Raises:
+            ValueError: an override that would change nothing: a warm-up that starts at factor 1
+                (pass ``warmup_start``) or milestones with ``gamma`` 1 (pass ``gamma``).
+        """
         warm, steps = stage.schedule.resolve(stage.epochs)
-        return cls(
+        schedule = cls(
             warm if warmup_epochs is None else warmup_epochs,
             steps if milestones is None else milestones,
             stage.schedule.gamma if gamma is None else gamma,
-            stage.schedule.warmup_start,
+            stage.schedule.warmup_start if warmup_start is None else warmup_start,
         )
+        if warmup_epochs and schedule.warmup_start == 1.0:
+            raise ValueError(
+                f"warmup_epochs={warmup_epochs} has no effect: stage {stage.name!r} warms up from factor 1.0; "
+                "pass warmup_start (e.g. 0.1) as well"
+            )
+        if milestones is not None and schedule.milestones and schedule.gamma == 1.0:
+            raise ValueError(f"milestones={list(milestones)} have no effect: stage {stage.name!r} decays by gamma 1.0; pass gamma as well")
+        return schedule
 
     def __call__(self, epoch: int) -> float:
         if self.warmup_epochs > 0:

@@ -33,7 +33,9 @@ import itertools
 import math
 import os
 import random
+import shutil
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,7 @@ from ..models import checkpoint as model_checkpoint
 from ..models.base import TrainRecipe, TrainStage, as_batch, batch_paths
 from .data import check_finite_images, decoded_finite
 from .optim import EpochSchedule, make_optimizer
+from .run_folder import RUN_FILES, RunLock, remove_stale_temporaries
 
 __all__ = ["CHECKPOINT_NAME", "DEFAULT_RECIPE", "FitResult", "batch_to_device", "fit", "seed_everything"]
 
@@ -67,6 +70,8 @@ class FitResult:
         stages: ``(stage name, epochs run in this call)`` in order.
         checkpoint: ``last.pt`` (``None`` without ``out_dir``).
         seconds: wall time of the epochs.
+        warnings: what looked wrong though nothing failed (a diverging loss); also issued as
+            :class:`RuntimeWarning`.
     """
 
     epochs: int
@@ -76,6 +81,7 @@ class FitResult:
     stages: list[tuple[str, int]] = field(default_factory=list)
     checkpoint: str | None = None
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
 
 class _LossForward(nn.Module):
@@ -138,7 +144,9 @@ class _Loader:
             pin = torch.cuda.is_available()
             if distributed:
                 self.sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed or 0, drop_last=stage.drop_last)
-                self.loader = DataLoader(data, batch_size=stage.batch_size, sampler=self.sampler, num_workers=num_workers, pin_memory=pin)
+                self.loader = DataLoader(
+                    data, batch_size=stage.batch_size, sampler=self.sampler, num_workers=num_workers, pin_memory=pin, drop_last=stage.drop_last
+                )
             else:
                 self.generator = torch.Generator() if seed is not None else None
                 self.loader = DataLoader(
@@ -237,11 +245,13 @@ def fit(
     warmup_epochs: int | None = None,
     milestones: Iterable[int] | None = None,
     gamma: float | None = None,
+    warmup_start: float | None = None,
     stages: Sequence[str] | None = None,
     shuffle: bool = True,
     num_workers: int = 0,
     out_dir: str | os.PathLike | None = None,
     resume: bool | str | os.PathLike | Mapping = False,
+    overwrite: bool = False,
     amp: str | bool | None = None,
     device: str | torch.device | None = None,
     seed: int | None = None,
@@ -258,13 +268,19 @@ def fit(
         epochs, lr, batch_size, weight_decay: override every planned stage's setting (``None``:
             the recipe's). ``batch_size`` applies when ``data`` is a Dataset.
         grad_clip: maximum gradient norm per step; ``None``: the recipe's; ``False``: no clipping.
-        warmup_epochs, milestones, gamma: override the schedule (in epochs; see
-            :class:`~msflow_fast.engine.optim.EpochSchedule`).
+        warmup_epochs, milestones, gamma, warmup_start: override the schedule (epochs and factors;
+            see :class:`~msflow_fast.engine.optim.EpochSchedule`, which refuses an override that
+            would change nothing).
         stages: names of the recipe's stages to run (default: all, in order).
         out_dir: folder for ``last.pt`` (written atomically after every epoch); ``None`` = no checkpoints.
+            The folder is locked while ``fit`` runs (:class:`~msflow_fast.engine.run_folder.RunLock`):
+            a second process training into it is refused.
         resume: ``True`` continues from ``out_dir/last.pt`` if it exists; a path continues from that
             checkpoint; a dict already read by :func:`msflow_fast.models.checkpoint.read`
             continues from it without reading the file again.
+        overwrite: without ``resume``, a folder that already holds a run (``last.pt``) is refused
+            unless ``overwrite=True``, which first removes that run's files (``last.pt``,
+            ``metrics.json``, ``scores.csv``, ``heatmaps/``).
         amp: ``None`` (fp32), ``"bf16"`` or ``"fp16"`` autocast (fp16 uses a GradScaler).
         device: where to train; default = the model's device.
         seed: fixes the shuffling order of every epoch (exact resume).
@@ -296,6 +312,38 @@ def fit(
     amp_dtype = _amp_dtype(amp)
     distributed, rank, world = _dist_info()
     device = torch.device(device) if device is not None else _device_of(model)
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None and rank == 0:
+            stack.enter_context(RunLock(out_dir))
+            remove_stale_temporaries(out_dir)
+            _prepare_folder(Path(out_dir), resume, overwrite)
+        schedule_overrides = {"warmup_epochs": warmup_epochs, "milestones": milestones, "gamma": gamma, "warmup_start": warmup_start}
+        return _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle, num_workers,
+                    out_dir, resume, schedule_overrides, seed, progress, find_unused_parameters)
+
+
+def _prepare_folder(folder: Path, resume: Any, overwrite: bool) -> None:
+    """Refuse to train over an earlier run unless resuming it or told to overwrite it."""
+    if resume is not False and resume is not None:
+        return
+    previous = [name for name in RUN_FILES if (folder / name).exists()]
+    if not previous:
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{folder} already holds a run ({', '.join(previous)}); continue it with resume=True (CLI: --resume), "
+            "start over with overwrite=True (CLI: --overwrite), or choose another folder"
+        )
+    for name in previous:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle, num_workers,
+         out_dir, resume, schedule_overrides, seed, progress, find_unused_parameters) -> FitResult:
     if _device_of(model) != device:
         model.to(device)
 
@@ -332,9 +380,6 @@ def fit(
     if resume_path is not None and show:
         _write(f"resumed from {resume_path} after {done} of {total_epochs} epochs (stage {training['stage']!r})")
 
-    loss_module: nn.Module = _LossForward(model)
-    if distributed:
-        loss_module = _wrap_ddp(loss_module, model, device, find_unused_parameters)
     finite_data = decoded_finite(data)
     last_good = str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file() else None
     started = time.perf_counter()
@@ -348,8 +393,12 @@ def fit(
         params = model.stage_parameters(stage.name) if callable(getattr(model, "stage_parameters", None)) else [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError(f"model: stage {stage.name!r} has no trainable parameter (requires_grad=True)")
+        # DDP after set_stage, once per stage: it reduces the gradients of the parameters trainable now.
+        loss_module: nn.Module = _LossForward(model)
+        if distributed:
+            loss_module = _wrap_ddp(loss_module, model, device, find_unused_parameters)
         optimizer = make_optimizer(stage, params)
-        schedule = EpochSchedule.for_stage(stage, warmup_epochs=warmup_epochs, milestones=milestones, gamma=gamma)
+        schedule = EpochSchedule.for_stage(stage, **schedule_overrides)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         if training is not None and position == start_position and first_epoch > 0:
@@ -372,7 +421,7 @@ def fit(
             lr_now = optimizer.param_groups[0]["lr"]
             mean_loss = _run_epoch(
                 loss_module, loader.loader, optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
-                finite_data, last_good, show, f"{stage.name} " if len(plan) > 1 else "", epoch,
+                finite_data, last_good, ckpt_path, show, f"{stage.name} " if len(plan) > 1 else "", epoch,
             )
             scheduler.step()
             stage_history["loss"].append(mean_loss)
@@ -381,7 +430,7 @@ def fit(
             result.lrs.append(lr_now)
             done += 1
             if ckpt_path is not None and rank == 0:
-                _check_finite_weights(params, stage, epoch, last_good)
+                _check_finite_weights(params, stage, epoch, last_good, ckpt_path)
                 training_state = {
                     "stage": stage.name,
                     "epoch": epoch,
@@ -399,13 +448,38 @@ def fit(
                 where = f"{stage.name} " if len(plan) > 1 else ""
                 _write(f"{where}epoch {epoch + 1}/{stage.epochs}  loss {mean_loss:.6g}  lr {lr_now:.3g}  ({time.perf_counter() - started:.1f} s)")
         result.stages.append((stage.name, stage.epochs - first_epoch))
+        diverged = _divergence(stage.name, stage_history["loss"])
+        if diverged:
+            result.warnings.append(diverged)
+            warnings.warn(diverged, RuntimeWarning, stacklevel=3)
+            if show:
+                _write(f"warning: {diverged}")
     result.seconds = time.perf_counter() - started
     return result
 
 
+DIVERGENCE_FACTOR = 100.0
+"""A stage whose last epoch loss exceeds its best by this many times ``max(1, |best|)`` has diverged."""
+
+
+def _divergence(stage: str, losses: list[float]) -> str | None:
+    """A warning when the loss ended far above its best: a diverged run whose loss stayed finite."""
+    if len(losses) < 2:
+        return None
+    best = min(losses)
+    best_epoch = losses.index(best) + 1
+    if losses[-1] - best <= DIVERGENCE_FACTOR * max(1.0, abs(best)):
+        return None
+    return (
+        f"training diverged in stage {stage!r}: the epoch loss rose from {best:.4g} (epoch {best_epoch}) to "
+        f"{losses[-1]:.4g} (epoch {len(losses)}) while staying finite; the model is likely useless. Lower the "
+        "learning rate (CLI: --lr) or keep gradient clipping on"
+    )
+
+
 def _run_epoch(
     loss_module, loader, optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
-    finite_data, last_good, show, prefix, epoch,
+    finite_data, last_good, ckpt_path, show, prefix, epoch,
 ) -> float:
     total, count = 0.0, 0
     bar = _progress(loader, f"{prefix}epoch {epoch + 1}/{stage.epochs}", show)
@@ -441,7 +515,7 @@ def _run_epoch(
         if not math.isfinite(value) or not math.isfinite(norm_value):
             optimizer.zero_grad(set_to_none=True)
             what, bad = ("loss", value) if not math.isfinite(value) else ("gradient norm", norm_value)
-            raise RuntimeError(_non_finite_message(what, bad, f"epoch {epoch + 1}, step {step + 1}", last_good))
+            raise RuntimeError(_non_finite_message(what, bad, f"epoch {epoch + 1}, step {step + 1}", last_good, ckpt_path))
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -456,12 +530,13 @@ def _run_epoch(
     return total / count
 
 
-def _check_finite_weights(params: list[torch.Tensor], stage: TrainStage, epoch: int, last_good: str | None) -> None:
+def _check_finite_weights(params: list[torch.Tensor], stage: TrainStage, epoch: int, last_good: str | None, ckpt_path: Path) -> None:
     """Refuse to checkpoint non-finite weights (one reduction, one read per epoch)."""
     with torch.no_grad():
         finite = bool(torch.isfinite(torch.stack([p.detach().float().abs().amax() for p in params if p.numel()])).all())
     if not finite:
-        raise RuntimeError(_non_finite_message("weights", float("nan"), f"the end of epoch {epoch + 1} (stage {stage.name!r})", last_good))
+        where = f"the end of epoch {epoch + 1} (stage {stage.name!r})"
+        raise RuntimeError(_non_finite_message("weights", float("nan"), where, last_good, ckpt_path))
 
 
 def _wrap_ddp(loss_module: nn.Module, model: nn.Module, device: torch.device, find_unused_parameters: bool) -> nn.Module:
@@ -480,12 +555,13 @@ def _wrap_ddp(loss_module: nn.Module, model: nn.Module, device: torch.device, fi
     return ddp(loss_module, device_ids=[device.index] if device.type == "cuda" else None, **options)
 
 
-def _non_finite_message(what: str, value: float, where: str, last_good: str | None) -> str:
-    restore = (
-        f"The last good checkpoint is {last_good} (not replaced); continue from it with resume=True (CLI: --resume) "
-        if last_good
-        else "No checkpoint was written yet (pass out_dir to keep one per epoch). "
-    )
+def _non_finite_message(what: str, value: float, where: str, last_good: str | None, ckpt_path: Path | None) -> str:
+    if last_good:
+        restore = f"The last good checkpoint is {last_good} (not replaced); continue from it with resume=True (CLI: --resume) "
+    elif ckpt_path is not None:
+        restore = f"No checkpoint was written yet (the first, {ckpt_path}, is written at the end of the first epoch). Start again "
+    else:
+        restore = "No checkpoint was written (pass out_dir to keep one per epoch). Start again "
     return (
         f"non-finite training {what} ({value}) at {where}; {'this step was not applied' if what != 'weights' else 'no checkpoint was written'}. "
         f"{restore}after lowering the learning rate, disabling AMP or checking the input images for NaN/Inf."

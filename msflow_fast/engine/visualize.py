@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from .._files import atomic_write_bytes
-from .data import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from .data.images import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 __all__ = ["apply_colormap", "images_to_uint8", "overlay", "save_overlay"]
 

@@ -332,6 +332,14 @@ class AnomalyModel(nn.Module):
             return t.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's first floating parameter (float32 for a model without any)."""
+        for t in self.parameters():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
     def metric_map(self, metric: str) -> str:
         """The :class:`Prediction` map that feeds ``metric`` (see :attr:`metric_maps`)."""
         if metric not in METRICS:
@@ -371,6 +379,12 @@ class AnomalyModel(nn.Module):
         device = self.device
         if images.device != device:
             raise TypeError(f"images are on {images.device} but the model is on {device}; move one of them")
+        dtype = self.dtype
+        if images.dtype != dtype:
+            raise TypeError(
+                f"images are {images.dtype} but the model's weights are {dtype}; pass images.to({dtype}) "
+                "(for mixed precision keep float32 weights and use torch.autocast)"
+            )
         if check_finite is None:
             check_finite = self.check_finite
         if ops.check_finite_enabled(check_finite) and not torch.compiler.is_compiling():

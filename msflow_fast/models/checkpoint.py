@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_write
+from .._version import __version__
 from . import registry
 from .base import AnomalyModel
 from .extractor import FeatureExtractor
@@ -51,8 +52,6 @@ _REQUIRED = ("model", "config", "weights", "extractors")
 
 def versions() -> dict[str, str]:
     """Versions recorded in every checkpoint: ``{"msflow_fast", "torch", "python"}``."""
-    from .. import __version__
-
     return {"msflow_fast": str(__version__), "torch": str(torch.__version__), "python": platform.python_version()}
 
 
@@ -103,8 +102,23 @@ def save(model: AnomalyModel, path: str | os.PathLike, training: Mapping[str, An
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    state = checkpoint_state(model, training)
-    return atomic_write(path, lambda f: torch.save(state, f))
+    return write_torch(path, checkpoint_state(model, training), "checkpoint")
+
+
+def write_torch(path: str | os.PathLike, obj: Any, what: str = "file") -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically; a failed write (disk full, read-only) is an
+    ``OSError`` that names the file, and the previous file stays as it was."""
+    try:
+        return atomic_write(path, lambda f: torch.save(obj, f))
+    except RuntimeError as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        text = str(exc)
+        if "PytorchStreamWriter" not in text and "file write failed" not in text and "enforce fail" not in text:
+            raise
+        first = next((line.strip() for line in text.splitlines() if "failed" in line), text.splitlines()[0] if text else "")
+        raise OSError(
+            f"cannot write {what} {os.fspath(path)}: the disk is full or the folder is not writable ({first}); "
+            "the previous file, if any, is unchanged"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -115,6 +129,7 @@ def _torch_load(path: str, map_location: Any) -> Any:
         raise FileNotFoundError(f"checkpoint file not found: {path!r}")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} is not a file")
+    _check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -130,6 +145,23 @@ def _torch_load(path: str, map_location: Any) -> Any:
             f"cannot read checkpoint {path!r}: the file is corrupt, truncated or not written by torch.save "
             f"({type(exc).__name__}: {first})"
         ) from exc
+
+
+def _check_archive(path: str) -> None:
+    """Verify the CRC-32 of every entry of a zip-format ``torch.save`` file (torch.load does not:
+    flipped bytes inside a tensor would load as wrong weights)."""
+    if not zipfile.is_zipfile(path):
+        return  # a legacy (non-zip) file, or not a checkpoint: torch.load reports it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"cannot read checkpoint {path!r}: the file is corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+    if bad is not None:
+        raise ValueError(
+            f"cannot read checkpoint {path!r}: its entry {bad!r} fails its CRC check, so the file is corrupt "
+            "(damaged on disk or in a copy); use another copy"
+        )
 
 
 def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -338,6 +370,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "checkpoint_state",
+    "write_torch",
     "frozen_extractors",
     "load_file",
     "load_model",

@@ -26,6 +26,37 @@ def use_reflect_padding(module: nn.Module) -> int:
     return changed
 
 
+def _create_timm(timm, name: str, out_indices: tuple[int, ...], pretrained: bool) -> nn.Module:
+    """``timm.create_model(name, features_only=True, ...)`` with errors that say what to do."""
+    try:
+        return timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=pretrained)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            close = timm.list_models(f"*{name.split('.')[0][:8]}*")[:5]
+            raise ValueError(f"timm has no model {name!r}{' (close: ' + ', '.join(close) + ')' if close else ''}; see timm.list_models()") from None
+        if not pretrained:
+            raise ValueError(f"cannot build the timm backbone {name!r} with out_indices {list(out_indices)}: {exc}") from exc
+        raise _pretrained_error(name, exc) from exc
+    except (IndexError, ValueError, AssertionError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"cannot build the timm backbone {name!r} with out_indices {list(out_indices)} "
+            f"({type(exc).__name__}: {exc}); out_indices are stage numbers the model has (e.g. 1 2 3 for a ResNet)"
+        ) from exc
+    except Exception as exc:  # downloads: connection errors, missing cache entries, hub errors
+        if not pretrained:
+            raise
+        raise _pretrained_error(name, exc) from exc
+
+
+def _pretrained_error(name: str, exc: BaseException) -> RuntimeError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return RuntimeError(
+        f"could not load the pretrained weights of {name!r} ({type(exc).__name__}: {first}); without network "
+        "access timm reads them from its cache (HF_HOME). For random weights pass pretrained=False "
+        "(CLI: --no-pretrained)"
+    )
+
+
 def _as_feature_list(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         out = [out]
@@ -49,6 +80,8 @@ class FeatureExtractor(nn.Module):
         pretrained: load timm's pretrained weights (ignored for a module).
         reflect_padding: switch padded convs to reflect padding (see :func:`use_reflect_padding`).
         in_channels: image channels (3).
+        input_size: ``(H, W)`` the model will see; the dry forward that finds channels and strides
+            runs at 128 px, or at this size if the backbone needs it (ViTs).
 
     Attributes:
         channels: ``C_k`` per output map, inferred with one dry forward.
@@ -68,6 +101,7 @@ class FeatureExtractor(nn.Module):
         pretrained: bool = False,
         reflect_padding: bool = False,
         in_channels: int = 3,
+        input_size: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
@@ -78,7 +112,7 @@ class FeatureExtractor(nn.Module):
             name = _OFFICIAL_WEIGHTS.get(backbone, backbone) if pretrained else backbone
             self.name = name
             self.source = "pretrained" if pretrained else "random"
-            self.backbone = timm.create_model(name, features_only=True, out_indices=tuple(out_indices), pretrained=pretrained)
+            self.backbone = _create_timm(timm, name, tuple(out_indices), pretrained)
         elif isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
             self.source = "module"
@@ -90,14 +124,27 @@ class FeatureExtractor(nn.Module):
         self.in_channels = int(in_channels)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        param = next(self.backbone.parameters(), None)
-        probe = torch.zeros(1, self.in_channels, _PROBE_SIZE, _PROBE_SIZE,
-                            device=param.device if param is not None else None,
-                            dtype=param.dtype if param is not None else None)
-        with torch.no_grad():
-            maps = _as_feature_list(self.backbone(probe))
+        maps, size = self._probe(input_size)
         self.channels = [int(m.shape[1]) for m in maps]
-        self.strides = [max(1, round(_PROBE_SIZE / m.shape[-1])) for m in maps]
+        self.strides = [max(1, round(size / m.shape[-1])) for m in maps]
+
+    def _probe(self, input_size: Sequence[int] | None) -> tuple[list[torch.Tensor], int]:
+        """One dry forward (at 128 px, else at ``input_size``: a ViT wants its own size): the maps and the size."""
+        param = next(self.backbone.parameters(), None)
+        sizes = [_PROBE_SIZE] + ([int(input_size[0])] if input_size is not None and int(input_size[0]) != _PROBE_SIZE else [])
+        errors = []
+        for size in sizes:
+            probe = torch.zeros(1, self.in_channels, size, size,
+                                device=param.device if param is not None else None,
+                                dtype=param.dtype if param is not None else None)
+            try:
+                with torch.no_grad():
+                    out = self.backbone(probe)
+            except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+                errors.append(f"at {size}x{size}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                continue
+            return _as_feature_list(out), size
+        raise ValueError(f"the backbone {self.name!r} fails on a probe image ({'; '.join(errors)}); check its input size")
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """The backbone stays in eval mode (batch norm uses running statistics), whatever ``mode``."""

@@ -6,7 +6,9 @@ Mixed precision (the one statement of the policy; docs elsewhere point here):
 
 - Every op computes float16/bfloat16 inputs in float32 (:func:`reference.compute_dtype`) and
   float32/float64 inputs in their own dtype. Element outputs keep the input dtype (rounded once);
-  log-dets, the Gaussian NLL, log-likelihood maps and image scores of half inputs are float32.
+  log-dets, the Gaussian NLL and log-likelihood maps of half inputs are float32; the aggregated
+  anomaly maps and image scores keep the dtype of the log-likelihood maps they are given (float32
+  in the models, since :func:`log_likelihood_map` returns float32).
 - Per-channel parameters (global scale and offset, LayerNorm affine) may be float32 for half
   inputs (a model's parameters under autocast): they are used in float32 as given, never rounded
   to half, and their gradients come back in their own dtype.

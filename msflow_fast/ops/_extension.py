@@ -10,6 +10,9 @@ from typing import Any
 import torch
 
 ENV_DISABLE_EXTENSION = "MSFLOW_FAST_DISABLE_EXT"
+ABI_VERSION = 2
+"""The op schemas this Python code calls (``abi_version()`` of csrc/extension.cpp): a build from
+other sources is not used (the ``cpp`` backend is then unavailable and says to rebuild)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -25,8 +28,16 @@ def extension_info() -> dict[str, Any]:
         importlib.import_module("msflow_fast._C")
     except ImportError as exc:
         return {"loaded": False, "cuda": False, "error": f"{type(exc).__name__}: {exc}"}
-    cuda = bool(torch.ops.msflow_fast.compiled_with_cuda())
-    return {"loaded": True, "cuda": cuda, "error": None}
+    ops = torch.ops.msflow_fast
+    built = int(ops.abi_version()) if hasattr(ops, "abi_version") else 1
+    if built != ABI_VERSION:
+        return {
+            "loaded": False,
+            "cuda": False,
+            "error": f"msflow_fast._C was built from other sources (op ABI {built}, this code needs {ABI_VERSION}); "
+            "rebuild it: pip install --no-build-isolation -e .",
+        }
+    return {"loaded": True, "cuda": bool(ops.compiled_with_cuda()), "error": None}
 
 
 def extension_ops(required_op: str, what: str):
@@ -46,4 +57,4 @@ def extension_ops(required_op: str, what: str):
     return ops
 
 
-__all__ = ["ENV_DISABLE_EXTENSION", "extension_info", "extension_ops"]
+__all__ = ["ABI_VERSION", "ENV_DISABLE_EXTENSION", "extension_info", "extension_ops"]

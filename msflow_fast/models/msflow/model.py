@@ -91,6 +91,7 @@ class MSFlow(AnomalyModel):
             out_indices=config.out_indices,
             pretrained=config.pretrained,
             reflect_padding=config.reflect_padding and backbone is None,
+            input_size=config.input_size,
         )
         channels = self.extractor.channels
         if len(channels) != len(config.parallel_blocks):
@@ -106,13 +107,23 @@ class MSFlow(AnomalyModel):
         self.fusion_flow = FusionFlow(channels, clamp=config.clamp_alpha)
         self.head = MSFlowHead(config.top_k, config.score)
         enable_fast_paths(self)
+        try:
+            self.check_image_size(*config.input_size)
+        except ValueError as exc:
+            raise ValueError(f"input_size {config.input_size} does not suit this backbone: {exc}") from None
 
     def check_image_size(self, height: int, width: int) -> None:
         stride = self.extractor.max_stride
         if height % stride or width % stride:
             raise ValueError(
                 f"images height and width must be divisible by the backbone's largest stride {stride}, "
-                f"got {height}x{width}; resize to e.g. {max(stride, height // stride * stride)}x{max(stride, width // stride * stride)}"
+                f"got {height}x{width}; resize to e.g. {max(2 * stride, height // stride * stride)}x{max(2 * stride, width // stride * stride)}"
+            )
+        if min(height, width) < 2 * stride:
+            raise ValueError(
+                f"images must be at least {2 * stride}x{2 * stride} for this backbone (its deepest maps are 1/{stride} "
+                f"of the image: at {height}x{width} they would be {height // stride}x{width // stride}, too small for "
+                "the 3x3 convolutions and pooling); use a larger input size"
             )
 
     # ------------------------------------------------------------------ pipeline

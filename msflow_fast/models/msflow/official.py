@@ -26,8 +26,7 @@ from typing import Any
 
 import torch
 
-from ..._files import atomic_write
-from ..checkpoint import load_file
+from ..checkpoint import load_file, write_torch
 from .model import MSFlow
 
 _MODULE_KEY = re.compile(r"^module_list\.(\d+)\.(.+)$")
@@ -163,8 +162,7 @@ def save_official(model: MSFlow, path: str | os.PathLike, *, epoch: int = 0, opt
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
     """
-    state = official_state(model, epoch=epoch, optimizer=optimizer)
-    return atomic_write(path, lambda f: torch.save(state, f))
+    return write_torch(path, official_state(model, epoch=epoch, optimizer=optimizer), "official checkpoint")
 
 
 __all__ = ["OFFICIAL_FILES", "convert_official_fusion_state", "load_official", "official_state", "save_official"]

@@ -1,0 +1,40 @@
+"""Data: image and mask files (:mod:`.images`), folder datasets (:mod:`.folders`), the synthetic
+defect dataset (:mod:`.synthetic`) and the batch checks the engine runs (:mod:`.checks`)."""
+
+from __future__ import annotations
+
+from ..._sizes import image_size_hw
+from .checks import check_finite_images, decoded_finite
+from .folders import ImageFolderDataset, MVTecDataset, list_images
+from .images import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_image_file,
+    decode_image,
+    denormalize,
+    load_image,
+    load_mask,
+    normalize,
+)
+from .synthetic import SyntheticDefects, write_synthetic_dataset
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderDataset",
+    "MVTecDataset",
+    "SyntheticDefects",
+    "check_finite_images",
+    "check_image_file",
+    "decode_image",
+    "decoded_finite",
+    "denormalize",
+    "image_size_hw",
+    "list_images",
+    "load_image",
+    "load_mask",
+    "normalize",
+    "write_synthetic_dataset",
+]
