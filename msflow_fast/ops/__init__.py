@@ -26,7 +26,7 @@ from ._validate import ENV_CHECK_FINITE, check_finite_enabled
 from .conv import ENV_WINOGRAD, conv3x3, conv3x3_winograd_weight, winograd_enabled
 from .coupling import affine_coupling, coupling_affine_permute, global_affine_permute
 from .head import aggregate_anomaly_maps, gaussian_nll, log_likelihood_map, log_space_score
-from .norm import channel_layer_norm_relu
+from .norm import channel_layer_norm_relu, sample_layer_norm
 
 __all__ = [
     "BACKENDS",
@@ -46,6 +46,7 @@ __all__ = [
     "log_space_score",
     "reference",
     "requested_backend",
+    "sample_layer_norm",
     "use_backend",
     "winograd_enabled",
 ]

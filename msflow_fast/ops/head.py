@@ -6,6 +6,7 @@ Shapes, units and formulas are documented on the matching functions of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -124,36 +125,58 @@ def log_likelihood_map(z: torch.Tensor, *, backend: str | None = None) -> torch.
     return impl(z)
 
 
+MODES = ("msflow", "fastflow")
+
+
 def aggregate_anomaly_maps(
     log_likelihood_maps: Sequence[torch.Tensor],
     output_size: tuple[int, int],
     *,
     top_k: float = 0.03,
     log_space_score: bool = False,
+    mode: str = "msflow",
+    log_offset: float = 0.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """MSFlow's "add" and "mul" anomaly maps at ``output_size`` and the top-k image score(s).
+    """Multi-scale anomaly maps at ``output_size`` and the image score(s), in one pass.
+
+    ``mode="msflow"`` (:func:`msflow_fast.ops.reference.aggregate_anomaly_maps`): MSFlow's "add"
+    and "mul" maps (bilinear, ``align_corners=True``) and the top-k mean score; returns
+    ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``.
+
+    ``mode="fastflow"`` (:func:`msflow_fast.ops.reference.fastflow_anomaly_map`): the stage mean
+    of ``-Up(exp(L_k + log_offset))`` (bilinear, ``align_corners=False``) and its maximum;
+    returns ``(anomaly_map [B, H, W], score [B])``. ``top_k`` is not used.
 
     Args:
         log_likelihood_maps: per-scale ``[B, h_k, w_k]`` maps (same batch, dtype and device).
         output_size: ``(H, W)``.
-        top_k: fraction of pixels averaged for the score, in ``(0, 1]`` (MSFlow: 0.03).
-        log_space_score: also return :func:`log_space_score`, computed in the same pass from the
-            same upsampled log-likelihood sum (no second upsampling).
+        top_k: fraction of pixels averaged for the MSFlow score, in ``(0, 1]`` (MSFlow: 0.03).
+        log_space_score: also return the log-space score (nats, never saturating or
+            underflowing), computed in the same pass from the same upsampled values.
+        mode: ``"msflow"`` or ``"fastflow"``.
+        log_offset: FastFlow mode only: added to ``L_k`` before ``exp`` (DADF: 1).
         backend: as in :func:`msflow_fast.ops.affine_coupling`.
 
     Returns:
-        ``(anomaly_map_add [B, H, W], anomaly_map_mul [B, H, W], score [B])``, plus
-        ``score_log_space [B]`` (nats) with ``log_space_score=True``. An image whose maps hold a
-        NaN gets NaN scores on every backend (its maps are NaN at least near the NaN).
-        Differentiable on every backend: the fused ones compute the forward and take the
-        reference's gradients (recomputed in the backward).
+        The tuple of the mode, plus ``score_log_space [B]`` with ``log_space_score=True``. An
+        image whose maps hold a NaN gets NaN scores on every backend. Differentiable on every
+        backend: the fused ones compute the forward and take the reference's gradients.
     """
     maps = _maps(log_likelihood_maps)
     size = _output_size(output_size)
-    options = {"top_k": _top_k(top_k)}
     if not isinstance(log_space_score, bool):
         raise TypeError(f"log_space_score must be a bool, got {type(log_space_score).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "fastflow":
+        if isinstance(log_offset, bool) or not isinstance(log_offset, (int, float)) or not math.isfinite(log_offset):
+            raise ValueError(f"log_offset must be a finite number, got {log_offset!r}")
+        options: dict = {"log_offset": float(log_offset)}
+        if log_space_score:
+            options["log_space_score"] = True
+        return _aggregate("fastflow_anomaly_map", maps, size, options, backend)
+    options = {"top_k": _top_k(top_k)}
     if log_space_score:
         options["log_space_score"] = True
     return _aggregate("aggregate_anomaly_maps", maps, size, options, backend)

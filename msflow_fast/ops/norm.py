@@ -1,7 +1,8 @@
-"""Public subnet op: the fused per-pixel channel LayerNorm + ReLU of MSFlow's coupling subnet.
+"""Public norm ops: the per-pixel channel LayerNorm + ReLU of MSFlow's coupling subnet, and the
+per-sample LayerNorm over [C, H, W] of FastFlow's features.
 
-The formula is :func:`msflow_fast.ops.reference.channel_layer_norm_relu`; this wrapper
-validates and dispatches to a backend.
+The formulas are :func:`msflow_fast.ops.reference.channel_layer_norm_relu` and
+:func:`~msflow_fast.ops.reference.sample_layer_norm`; these wrappers validate and dispatch.
 """
 
 from __future__ import annotations
@@ -64,4 +65,47 @@ def channel_layer_norm_relu(
     return impl(x, weight, bias, addend, eps)
 
 
-__all__ = ["channel_layer_norm_relu"]
+def sample_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    eps: float = 1e-5,
+    backend: str | None = None,
+    check_finite: bool | None = None,
+) -> torch.Tensor:
+    """Per-sample LayerNorm over ``C * H * W``: ``F.layer_norm(x, x.shape[1:], weight, bias, eps)``.
+
+    Args:
+        x: ``[B, C, H, W]`` (or ``[B, ...]``, at least 2-D).
+        weight, bias: the element-wise affine, ``x.shape[1:]`` (x's dtype, or float32 for half x),
+            or both ``None``.
+        eps: variance epsilon (``nn.LayerNorm.eps``).
+        backend, check_finite: as in :func:`msflow_fast.ops.affine_coupling`.
+
+    Returns:
+        x's shape and dtype (contiguous from the fused backends); differentiable with respect to
+        ``x``, ``weight`` and ``bias``.
+    """
+    v.tensor(x, "x")
+    if x.dim() < 2 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [B, ...] tensor with at least 2 dims, got shape {tuple(x.shape)}")
+    if (weight is None) != (bias is None):
+        raise ValueError("weight and bias must be given together (or both None for no affine)")
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        v.tensor(param, name)
+        if tuple(param.shape) != tuple(x.shape[1:]):
+            raise ValueError(f"{name} must have x's per-sample shape {tuple(x.shape[1:])}, got {tuple(param.shape)}")
+        if param.device != x.device:
+            raise TypeError(f"{name} is on {param.device} but x is on {x.device}")
+        v.parameter_dtype(param, name, x)
+    eps = v.positive_float(eps, "eps")
+    if v.check_finite_enabled(check_finite):
+        v.finite(x, "x")
+    _, impl = _backend.resolve("sample_layer_norm", x.device, backend)
+    return impl(x, weight, bias, eps)
+
+
+__all__ = ["channel_layer_norm_relu", "sample_layer_norm"]

@@ -340,6 +340,97 @@ def log_space_score(
     return top_k_mean(log_space_gap(summed_log_likelihood(log_likelihood_maps, output_size)), top_k)
 
 
+def bilinear_taps(out_size: int, in_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source taps of bilinear upsampling with ``align_corners=False`` along one axis (PyTorch's rule).
+
+    For output index ``o``: ``src = max(0, (o + 0.5) * in_size / out_size - 0.5)``, ``i0 = floor(src)``,
+    ``i1 = min(i0 + 1, in_size - 1)``, weight ``1 - (src - i0)`` on ``i0`` and ``src - i0`` on ``i1``.
+
+    Returns:
+        ``(i0 [out], i1 [out], lambda1 [out] float64)``.
+    """
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale - 0.5).clamp_(min=0.0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    return i0, i1, src - i0.double()
+
+
+def log_upsample_bilinear(log_values: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """``log(Up(exp(L)))`` of ``L [B, h, w]``, exactly: a logsumexp over each output pixel's taps of
+    ``log w + L`` (bilinear, ``align_corners=False``); never underflows. Returns ``[B, H, W]``."""
+    H, W = output_size
+    y0, y1, ly = bilinear_taps(H, log_values.shape[1], log_values.device)
+    x0, x1, lx = bilinear_taps(W, log_values.shape[2], log_values.device)
+    dtype = log_values.dtype
+    terms = []
+    for rows, wy in ((y0, 1.0 - ly), (y1, ly)):
+        for cols, wx in ((x0, 1.0 - lx), (x1, lx)):
+            weight = (wy.view(-1, 1) * wx.view(1, -1)).to(dtype)
+            terms.append(torch.log(weight) + log_values[:, rows][:, :, cols])
+    return torch.logsumexp(torch.stack(terms), dim=0)
+
+
+def fastflow_anomaly_map(
+    log_likelihood_maps: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    output_size: tuple[int, int],
+    *,
+    log_space_score: bool = False,
+    log_offset: float = 0.0,
+) -> tuple[torch.Tensor, ...]:
+    """FastFlow's post-processing: the stage mean of ``-Up(exp(L_k + log_offset))`` and its maximum.
+
+    With ``Up`` = bilinear upsampling, ``align_corners=False``, to ``output_size``:
+
+    * ``anomaly_map = mean_k(-Up(exp(L_k + log_offset)))`` ``[B, H, W]``, in ``[-e^offset, 0]``;
+    * ``score = max`` of the map per image ``[B]``;
+    * with ``log_space_score``: ``max`` per image of ``-log(-anomaly_map)``, computed exactly as
+      ``-(logsumexp over stages and taps of (log w + L_k) + log_offset - log K)`` (nats). Since
+      ``-log(-v)`` is increasing, it ranks images as ``score`` does, but never underflows (in
+      float32 ``exp(L)`` is 0 below ``L`` of about -104, and every such image then scores 0).
+
+    ``log_offset`` is 0 for FastFlow; DADF's map is ``-exp(1 + L)`` (offset 1).
+
+    Returns:
+        ``(anomaly_map [B, H, W], score [B])``, plus ``score_log_space [B]`` with ``log_space_score=True``.
+    """
+    ups = [upsample_bilinear_align_false(-torch.exp(m + log_offset), output_size) for m in log_likelihood_maps]
+    anomaly_map = torch.stack(ups, dim=-1).mean(dim=-1)
+    score = anomaly_map.flatten(1).amax(dim=1)
+    if not log_space_score:
+        return anomaly_map, score
+    logs = torch.stack([log_upsample_bilinear(m, output_size) for m in log_likelihood_maps])
+    nats = -(torch.logsumexp(logs, dim=0) + log_offset - math.log(len(log_likelihood_maps)))
+    return anomaly_map, score, nats.flatten(1).amax(dim=1)
+
+
+def upsample_bilinear_align_false(maps: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling with ``align_corners=False`` of ``[B, h, w]`` maps to ``[B, H, W]``."""
+    return F.interpolate(maps.unsqueeze(1), size=tuple(output_size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def sample_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, eps: float = 1e-5
+) -> torch.Tensor:
+    """LayerNorm over every non-batch dimension of each sample: FastFlow's ``nn.LayerNorm([C, H, W])``.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with one mean and one (biased) variance
+    per sample over its ``C * H * W`` values and a per-element affine.
+
+    Args:
+        x: ``[B, C, H, W]`` (or ``[B, ...]``).
+        weight, bias: ``x.shape[1:]`` (x's dtype, or float32 for half x), or ``None`` (no affine).
+        eps: added to the variance.
+
+    Returns:
+        x's shape and dtype; half/bfloat16 inputs are computed in float32.
+    """
+    acc = compute_dtype(x.dtype)
+    w = weight.to(acc) if weight is not None else None
+    b = bias.to(acc) if bias is not None else None
+    return F.layer_norm(x.to(acc), tuple(x.shape[1:]), w, b, eps).to(x.dtype)
+
+
 def channel_layer_norm_relu(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -419,23 +510,28 @@ __all__ = [
     "WINOGRAD_G",
     "affine_coupling",
     "aggregate_anomaly_maps",
+    "bilinear_taps",
     "channel_layer_norm_relu",
     "compute_dtype",
     "conv3x3",
     "coupling_affine_permute",
     "coupling_shift",
+    "fastflow_anomaly_map",
     "gaussian_nll",
     "global_affine_permute",
     "global_scale_activation",
     "global_scale_init",
     "invert_permutation",
     "log_likelihood_map",
+    "log_upsample_bilinear",
     "log_space_gap",
     "log_space_score",
     "summed_log_likelihood",
+    "sample_layer_norm",
     "soft_clamp",
     "top_k_count",
     "top_k_mean",
     "upsample_bilinear",
+    "upsample_bilinear_align_false",
     "winograd_weight",
 ]
