@@ -161,7 +161,8 @@ def tensor_bytes(tensors: Sequence[torch.Tensor]) -> int:
 def add_speedups(results: list[Result]) -> None:
     """Fill ``speedup_vs_reference`` and ``speedup_vs_compile`` from rows of the same case.
 
-    The eager baseline is the ``reference`` provider, or ``freia`` where a suite has no reference.
+    The eager baseline is the ``reference`` provider, or ``freia`` / ``anomalib`` (the authors'
+    eager code) where a suite has no reference.
     A row whose dtype has no baseline of its own (the end-to-end ``msflow_fast-bf16`` line, measured
     beside float32 baselines) is compared with the float32 baselines of the same case.
     """
@@ -172,7 +173,8 @@ def add_speedups(results: list[Result]) -> None:
 
     def lookup(lines: dict[str, float], provider: str) -> float | None:
         if provider == "reference":
-            return lines.get("reference", lines.get("freia"))  # the block suite's eager line is FrEIA 0.2
+            # the block suite's eager line is FrEIA 0.2; the fastflow suite's is anomalib's model
+            return lines.get("reference", lines.get("freia", lines.get("anomalib")))
         return lines.get(provider)
 
     for r in results:

@@ -1,4 +1,4 @@
-"""Kernel microbenchmarks at MSFlow's real shapes: one registry, every provider, every mode.
+"""Kernel microbenchmarks at MSFlow's (and FastFlow's) real shapes: one registry, every provider, every mode.
 
 Providers: ``reference`` (eager ``ops.reference``), ``compile`` (``torch.compile`` of the
 reference), ``triton`` and ``cpp`` (through the public ops with ``backend=``). Modes: ``fwd``,
@@ -21,6 +21,12 @@ from .harness import Job, Result, tensor_bytes, time_ms
 MSFLOW_SCALES = ((256, 64), (512, 32), (1024, 16))
 # ``--smoke``: the same ops at toy shapes (seconds on a 2-core CPU; checks the code paths, not speed)
 SMOKE_SCALES = ((16, 8),)
+# FastFlow's inputs for a 256-px image: (channels, grid) of the three backbone stages it normalises
+# (per-sample LayerNorm over [C, H, W]) and flows; its anomaly map upsamples the three grids to 256x256.
+FASTFLOW_FEATURES = {"resnet18": ((64, 64), (128, 32), (256, 16)), "wide_resnet50_2": ((256, 64), (512, 32), (1024, 16))}
+FASTFLOW_MAP = ((64, 32, 16), 256)
+SMOKE_FASTFLOW_FEATURES = {"toy": ((16, 8),)}
+SMOKE_FASTFLOW_MAP = ((16, 8, 4), 64)
 
 
 @dataclass
@@ -137,6 +143,45 @@ def _aggregate_case(batch: int, size: int) -> Case:
     return Case("aggregate_anomaly_maps", f"B{batch} {size}x{size}", make, run, modes=("fwd",))
 
 
+def _sample_norm_case(batch: int, channels: int, grid: int, backbone: str) -> Case:
+    # FastFlow's nn.LayerNorm([C, H, W]) on a backbone stage, element-wise affine, before its flows.
+    def make(device, dtype):
+        x = 2 * torch.randn(batch, channels, grid, grid, device=device, dtype=dtype) + 1
+        weight = 1 + 0.1 * torch.randn(channels, grid, grid, device=device, dtype=dtype)
+        bias = 0.1 * torch.randn(channels, grid, grid, device=device, dtype=dtype)
+        return [x, weight, bias], {}
+
+    return Case(
+        "sample_layer_norm", f"B{batch} C{channels} {grid}x{grid} {backbone}", make, _call("sample_layer_norm"), modes=("fwd", "fwd+bwd")
+    )
+
+
+def _fastflow_map_case(batch: int, grids: Sequence[int], size: int, log_space_score: bool) -> Case:
+    # FastFlow's post-processing of the per-stage log-likelihood maps (aggregate_anomaly_maps, mode="fastflow").
+    def make(device, dtype):
+        return [], {"maps": [-5 * torch.rand(batch, g, g, device=device, dtype=dtype) for g in grids]}
+
+    def run(kind, backend, maps):
+        if kind in ("reference", "compile"):
+            return _impl("fastflow_anomaly_map", kind, backend)(maps, (size, size), log_space_score=log_space_score)
+        return ops.aggregate_anomaly_maps(maps, (size, size), mode="fastflow", log_space_score=log_space_score, backend=backend)
+
+    scales = "/".join(f"{g}^2" for g in grids)
+    shape = f"B{batch} {scales} -> {size}x{size}" + (" +log-space score" if log_space_score else "")
+    return Case("fastflow_anomaly_map", shape, make, run, modes=("fwd",))
+
+
+def fastflow_cases(batch: int = 8, head_batch: int = 32, *, smoke: bool = False) -> list[Case]:
+    """FastFlow's fused ops: the per-sample LayerNorm at every resnet18 / wide_resnet50_2 stage (batch
+    ``batch``) and the anomaly map of its three stages (batch ``head_batch``), with and without the
+    log-space score; toy shapes with ``smoke``."""
+    features = SMOKE_FASTFLOW_FEATURES if smoke else FASTFLOW_FEATURES
+    grids, size = SMOKE_FASTFLOW_MAP if smoke else FASTFLOW_MAP
+    out = [_sample_norm_case(batch, c, g, name) for name, stages in features.items() for c, g in stages]
+    out += [_fastflow_map_case(head_batch, grids, size, log_space) for log_space in (False, True)]
+    return out
+
+
 _compiled: dict[str, Callable] = {}
 
 
@@ -162,9 +207,16 @@ def _call(op: str, *, perm_positional: bool = False) -> Callable:
 
 
 def cases(
-    batch: int = 8, head_batch: int = 32, head_size: int = 512, scales: Sequence[tuple[int, int]] = MSFLOW_SCALES
+    batch: int = 8,
+    head_batch: int = 32,
+    head_size: int = 512,
+    scales: Sequence[tuple[int, int]] = MSFLOW_SCALES,
+    *,
+    fastflow: bool | None = None,
 ) -> list[Case]:
-    """The flow-block ops at each ``(channels, grid)`` of ``scales``, then the anomaly-map head.
+    """The flow-block ops at each ``(channels, grid)`` of ``scales``, then the anomaly-map head, then
+    (``fastflow``; default: unless ``scales`` are the ``--smoke`` ones, whose op list is fixed)
+    :func:`fastflow_cases`.
 
     The head's maps are MSFlow's 64/32/16 grids scaled by ``head_size / 512`` (``head_size <= 512``).
     """
@@ -179,6 +231,8 @@ def cases(
             _nll_case(batch, channels, grid),
         ]
     out.append(_aggregate_case(head_batch, head_size))
+    if fastflow if fastflow is not None else tuple(scales) != tuple(SMOKE_SCALES):
+        out += fastflow_cases(batch, head_batch, smoke=tuple(scales) == tuple(SMOKE_SCALES))
     return out
 
 

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 namespace msflow_fast {
 
@@ -79,7 +80,32 @@ inline float atan_approx(float v) {
   return std::copysign(base + (p * z * r + r), v);
 }
 
+inline float log_approx(float v) {
+  // log(v) = e ln 2 + log(m), v = m 2^e with m in (sqrt(1/2), sqrt(2)]; log(m) = 2 atanh(f),
+  // f = (m - 1) / (m + 1), |f| < 0.172, by its odd series to f^9 (truncation < 1e-9). Denormals are
+  // scaled by 2^23 first; log(+-0) = -inf, log(+inf) = +inf, negatives and NaN give NaN.
+  const int32_t b0 = float_bits(v);
+  const int32_t sub = -static_cast<int32_t>((b0 & 0x7f800000) == 0);
+  const int32_t b = float_bits(select_bits(sub, v * 8388608.0f, v));
+  const int32_t big = -static_cast<int32_t>((b & 0x007fffff) > 0x003504f3);  // mantissa above sqrt(2)
+  const float m = bits_float((b & 0x007fffff) | 0x3f800000) * select_bits(big, 0.5f, 1.0f);
+  const float e = static_cast<float>(((b >> 23) & 0xff) - 127 - (sub & 23) + (big & 1));
+  const float f = (m - 1.0f) / (m + 1.0f);
+  const float f2 = f * f;
+  float p = 1.0f / 9.0f;
+  p = p * f2 + 1.0f / 7.0f;
+  p = p * f2 + 0.2f;
+  p = p * f2 + 1.0f / 3.0f;
+  p = p * f2 + 1.0f;
+  const float result = (e * 0.693359375f + 2.0f * f * p) + e * -2.12194440e-4f;
+  const int32_t special = -static_cast<int32_t>(b0 < 0 || (b0 & 0x7f800000) == 0x7f800000);  // < 0, inf, NaN
+  const float special_value = select_bits(-static_cast<int32_t>(b0 < 0), std::numeric_limits<float>::quiet_NaN(), v);
+  const int32_t zero = -static_cast<int32_t>((b0 & 0x7fffffff) == 0);
+  return select_bits(zero, -std::numeric_limits<float>::infinity(), select_bits(special, special_value, result));
+}
+
 inline double exp_approx(double v) { return std::exp(v); }
+inline double log_approx(double v) { return std::log(v); }
 inline double atan_approx(double v) { return std::atan(v); }
 inline double tanh_approx(double v) { return std::tanh(v); }
 

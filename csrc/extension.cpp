@@ -15,7 +15,7 @@ PyObject* PyInit__C(void) {
 namespace msflow_fast {
 
 // Bumped whenever an op schema changes; msflow_fast/ops/_extension.py refuses a stale build.
-constexpr int64_t kAbiVersion = 2;
+constexpr int64_t kAbiVersion = 3;
 
 int64_t abi_version() { return kAbiVersion; }
 

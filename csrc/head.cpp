@@ -8,6 +8,9 @@
 //                                                        -> (map_add, map_mul, score, score_log_space)
 //                                                           (score_log_space [B] in nats, or [0] if not asked)
 //   log_space_score_fwd(maps, output_size, top_k)        -> score [B]    (nats)
+//   fastflow_anomaly_map_fwd(maps, output_size, log_space_score, log_offset)
+//                                                        -> (anomaly_map, score, score_log_space)
+//                                                           (score_log_space [B] in nats, or [0] if not asked)
 //
 // Accumulation is float32 for half/bfloat16/float32 inputs and float64 for float64 inputs.
 // The CUDA kernels live in csrc/cuda/head.cu.
@@ -300,6 +303,71 @@ inline void sum_row(const std::vector<Scale<acc_t>>& scales, const acc_t* xrows,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// FastFlow map: bilinear resampling with align_corners=False (PyTorch's rule) of per-scale values.
+
+// Source taps of one axis (align_corners=False), computed in double as reference.bilinear_taps does
+// (src = max(0, (d + 0.5) * (in / out) - 0.5), each operation rounded, no FMA; i0 = min(floor(src),
+// in - 1), i1 = min(i0 + 1, in - 1), weight src - i0 on i1), so that a weight is exactly zero where
+// the reference's is (a tiny weight on a tap far above the others moves the log-space score);
+// the identity when in == out (PyTorch's rule for the map; the same log-space value).
+template <typename acc_t>
+LinearTaps<acc_t> half_pixel_taps(int64_t in_size, int64_t out_size) {
+  LinearTaps<acc_t> taps;
+  taps.i0.resize(out_size);
+  taps.i1.resize(out_size);
+  taps.w0.resize(out_size);
+  taps.w1.resize(out_size);
+  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  for (int64_t d = 0; d < out_size; ++d) {
+    int64_t i0 = d;
+    double w1 = 0.0;
+    if (in_size != out_size) {
+      volatile double scaled = (static_cast<double>(d) + 0.5) * scale;  // rounded before the subtraction
+      const double src = std::max(scaled - 0.5, 0.0);
+      i0 = std::min(static_cast<int64_t>(std::floor(src)), in_size - 1);
+      w1 = src - static_cast<double>(i0);
+    }
+    taps.i0[d] = i0;
+    taps.i1[d] = i0 + (i0 < in_size - 1 && in_size != out_size ? 1 : 0);
+    taps.w1[d] = static_cast<acc_t>(w1);
+    taps.w0[d] = static_cast<acc_t>(1.0 - w1);
+  }
+  return taps;
+}
+
+// exp(v) with IEEE-like ends: 0 below the smallest normal float (instead of a denormal), +inf
+// above FLT_MAX; exp_approx in between. Double: std::exp.
+inline float exp_flush(float v) {
+  const float e = exp_approx(v);
+  const float low = select_bits(-static_cast<int32_t>(v < -87.3365447f), 0.0f, e);
+  return select_bits(-static_cast<int32_t>(v > 88.7228394f), std::numeric_limits<float>::infinity(), low);
+}
+inline double exp_flush(double v) { return std::exp(v); }
+
+// Whether a value is finite (not inf or NaN), by the float's exponent bits (vectorisable).
+inline bool is_finite_value(float v) { return (float_bits(v) & 0x7f800000) != 0x7f800000; }
+inline bool is_finite_value(double v) { return std::isfinite(v); }
+
+template <typename acc_t>
+struct FastflowScale {
+  at::Tensor logp;        // [B, h, w] in acc_t, contiguous
+  int64_t h, w;
+  int64_t offset;         // first value of this scale in an image's [T] exp buffer
+  int64_t row_offset;     // first row of this scale in the per-thread row buffers
+  LinearTaps<acc_t> rows, cols;
+};
+
+// Per-thread rows of one task: x-upsampled exp rows, and (log space) the two column taps of log rows.
+template <typename acc_t>
+struct FastflowBuffers {
+  std::vector<acc_t> xprob, tap0, tap1;  // [total_rows, W]
+  std::vector<acc_t> sum, top, lse;      // [W]
+  FastflowBuffers(int64_t total_rows, int64_t W, bool log_space)
+      : xprob(total_rows * W), tap0(log_space ? total_rows * W : 0), tap1(log_space ? total_rows * W : 0),
+        sum(W), top(log_space ? W : 0), lse(log_space ? W : 0) {}
+};
+
 }  // namespace
 
 void check_per_sample(const at::Tensor& z, const at::Tensor& per_sample, const char* name) {
@@ -349,6 +417,11 @@ void check_head_maps(at::TensorList maps, at::IntArrayRef output_size, double to
     TORCH_CHECK(m.size(0) > 0 && m.size(1) > 0 && m.size(2) > 0, "msflow_fast: log_likelihood_maps[", i,
                 "] is empty, shape ", m.sizes());
   }
+}
+
+void check_fastflow_maps(at::TensorList maps, at::IntArrayRef output_size, double log_offset) {
+  check_head_maps(maps, output_size, /*top_k=*/1.0);
+  TORCH_CHECK(std::isfinite(log_offset), "msflow_fast: log_offset must be a finite number, got ", log_offset);
 }
 
 int64_t head_top_k_count(int64_t num_pixels, double top_k) {
@@ -590,6 +663,214 @@ at::Tensor log_space_score_fwd_cpu(at::TensorList maps, at::IntArrayRef output_s
   return score;
 }
 
+// ---------------------------------------------------------------------------------------------
+// FastFlow map and scores (reference.fastflow_anomaly_map), one pass over the output pixels:
+//   1. per image, P_k = exp(L_k + log_offset) on the low-res grids (and whether L holds a NaN);
+//   2. per task (image, block of output rows): the source rows it needs, upsampled along x
+//      (P rows blended, and for the log-space score the two column taps of the L rows gathered),
+//      then per output row: the map -mean_k Up(P_k) and, for the log-space score, the exact
+//      logsumexp over scales and taps of (log w + L): max over taps of nonzero weight, then
+//      sum of w exp(L - max); per-task maxima of both, and a NaN flag;
+//   3. per image: score = max of the map, score_log_space = max of -(lse + log_offset - log K),
+//      both NaN when the image's maps (or its map) hold a NaN.
+
+namespace {
+
+template <typename scalar_t>
+void fastflow_anomaly_map_kernel(at::TensorList maps, int64_t H, int64_t W, bool log_space_score, double log_offset,
+                                 at::Tensor& anomaly_map, at::Tensor& score, at::Tensor& score_log) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = maps[0].size(0), K = static_cast<int64_t>(maps.size());
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  std::vector<FastflowScale<acc_t>> scales;
+  int64_t T = 0, total_rows = 0;
+  for (const auto& m : maps) {
+    FastflowScale<acc_t> s;
+    s.logp = m.to(acc_type).contiguous();
+    s.h = m.size(1);
+    s.w = m.size(2);
+    s.offset = T;
+    s.row_offset = total_rows;
+    s.rows = half_pixel_taps<acc_t>(s.h, H);
+    s.cols = half_pixel_taps<acc_t>(s.w, W);
+    T += s.h * s.w;
+    total_rows += s.h;
+    scales.push_back(std::move(s));
+  }
+  const acc_t offset = static_cast<acc_t>(log_offset);
+  const acc_t inv_k = acc_t(1) / static_cast<acc_t>(K);
+  const acc_t nats_shift = offset - static_cast<acc_t>(std::log(static_cast<double>(K)));
+  // 1. exp on the low-res grids, NaN flags
+  std::vector<acc_t> prob(B * T);
+  std::vector<uint8_t> input_nan(B, 0);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int32_t nans = 0;
+      for (const auto& s : scales) {
+        const acc_t* x = s.logp.template data_ptr<acc_t>() + b * s.h * s.w;
+        acc_t* p = prob.data() + b * T + s.offset;
+#pragma omp simd reduction(| : nans)
+        for (int64_t j = 0; j < s.h * s.w; ++j) {
+          p[j] = exp_flush(x[j] + offset);
+          nans |= static_cast<int32_t>(x[j] != x[j]);
+        }
+      }
+      input_nan[b] = nans != 0;
+    }
+  });
+  // 2. tasks of output rows
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks_per_image = std::max<int64_t>(1, std::min<int64_t>((4 * threads + B - 1) / B, (H + 7) / 8));
+  const int64_t rows_per_block = (H + blocks_per_image - 1) / blocks_per_image;
+  const int64_t tasks = B * blocks_per_image;
+  std::vector<acc_t> task_map_max(tasks), task_nats_max(tasks);
+  std::vector<uint8_t> task_nan(tasks, 0);
+  scalar_t* map_out = anomaly_map.data_ptr<scalar_t>();
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    FastflowBuffers<acc_t> buf(total_rows, W, log_space_score);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks_per_image;
+      const int64_t ya = (t % blocks_per_image) * rows_per_block, yb = std::min(H, ya + rows_per_block);
+      acc_t map_max = -std::numeric_limits<acc_t>::infinity(), nats_max = map_max;
+      int32_t nans = 0;
+      if (ya >= yb) {
+        task_map_max[t] = map_max;
+        task_nats_max[t] = nats_max;
+        continue;
+      }
+      for (const auto& s : scales) {  // the source rows of output rows [ya, yb), upsampled along x
+        const int64_t* c0 = s.cols.i0.data();
+        const int64_t* c1 = s.cols.i1.data();
+        const acc_t* w0 = s.cols.w0.data();
+        const acc_t* w1 = s.cols.w1.data();
+        for (int64_t r = s.rows.i0[ya]; r <= s.rows.i1[yb - 1]; ++r) {
+          const acc_t* p = prob.data() + b * T + s.offset + r * s.w;
+          acc_t* xp = buf.xprob.data() + (s.row_offset + r) * W;
+          for (int64_t x = 0; x < W; ++x) xp[x] = w0[x] * p[c0[x]] + w1[x] * p[c1[x]];
+          if (log_space_score) {
+            const acc_t* l = s.logp.template data_ptr<acc_t>() + b * s.h * s.w + r * s.w;
+            acc_t* g0 = buf.tap0.data() + (s.row_offset + r) * W;
+            acc_t* g1 = buf.tap1.data() + (s.row_offset + r) * W;
+            for (int64_t x = 0; x < W; ++x) {
+              g0[x] = l[c0[x]];
+              g1[x] = l[c1[x]];
+            }
+          }
+        }
+      }
+      for (int64_t y = ya; y < yb; ++y) {
+        acc_t* sum = buf.sum.data();
+        std::fill(sum, sum + W, acc_t(0));
+        for (const auto& s : scales) {
+          const acc_t* r0 = buf.xprob.data() + (s.row_offset + s.rows.i0[y]) * W;
+          const acc_t* r1 = buf.xprob.data() + (s.row_offset + s.rows.i1[y]) * W;
+          const acc_t h0 = s.rows.w0[y], h1 = s.rows.w1[y];
+#pragma omp simd
+          for (int64_t x = 0; x < W; ++x) sum[x] += h0 * r0[x] + h1 * r1[x];
+        }
+        scalar_t* out_row = map_out + (b * H + y) * W;
+#pragma omp simd reduction(max : map_max) reduction(| : nans)
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t v = -sum[x] * inv_k;
+          out_row[x] = static_cast<scalar_t>(v);
+          map_max = v > map_max ? v : map_max;
+          nans |= static_cast<int32_t>(v != v);
+        }
+        if (!log_space_score) continue;
+        acc_t* top = buf.top.data();
+        acc_t* lse = buf.lse.data();
+        std::fill(top, top + W, -std::numeric_limits<acc_t>::infinity());
+        for (const auto& s : scales) {  // max over the taps of nonzero weight
+          const acc_t* a0 = buf.tap0.data() + (s.row_offset + s.rows.i0[y]) * W;
+          const acc_t* a1 = buf.tap1.data() + (s.row_offset + s.rows.i0[y]) * W;
+          const acc_t* b0 = buf.tap0.data() + (s.row_offset + s.rows.i1[y]) * W;
+          const acc_t* b1 = buf.tap1.data() + (s.row_offset + s.rows.i1[y]) * W;
+          const acc_t* w0 = s.cols.w0.data();
+          const acc_t* w1 = s.cols.w1.data();
+          const acc_t h0 = s.rows.w0[y], h1 = s.rows.w1[y];
+          const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd
+          for (int64_t x = 0; x < W; ++x) {
+            acc_t m = top[x];
+            const acc_t v00 = h0 * w0[x] > acc_t(0) ? a0[x] : ninf;
+            const acc_t v01 = h0 * w1[x] > acc_t(0) ? a1[x] : ninf;
+            const acc_t v10 = h1 * w0[x] > acc_t(0) ? b0[x] : ninf;
+            const acc_t v11 = h1 * w1[x] > acc_t(0) ? b1[x] : ninf;
+            m = m < v00 ? v00 : m;
+            m = m < v01 ? v01 : m;
+            m = m < v10 ? v10 : m;
+            m = m < v11 ? v11 : m;
+            top[x] = m;
+          }
+        }
+        std::fill(lse, lse + W, acc_t(0));
+        for (const auto& s : scales) {  // sum of w exp(L - max) over the taps of nonzero weight
+          const acc_t* a0 = buf.tap0.data() + (s.row_offset + s.rows.i0[y]) * W;
+          const acc_t* a1 = buf.tap1.data() + (s.row_offset + s.rows.i0[y]) * W;
+          const acc_t* b0 = buf.tap0.data() + (s.row_offset + s.rows.i1[y]) * W;
+          const acc_t* b1 = buf.tap1.data() + (s.row_offset + s.rows.i1[y]) * W;
+          const acc_t* w0 = s.cols.w0.data();
+          const acc_t* w1 = s.cols.w1.data();
+          const acc_t h0 = s.rows.w0[y], h1 = s.rows.w1[y];
+#pragma omp simd
+          for (int64_t x = 0; x < W; ++x) {
+            const acc_t shift = is_finite_value(top[x]) ? top[x] : acc_t(0);
+            const acc_t q00 = h0 * w0[x], q01 = h0 * w1[x], q10 = h1 * w0[x], q11 = h1 * w1[x];
+            acc_t total = q00 > acc_t(0) ? q00 * exp_approx(a0[x] - shift) : acc_t(0);
+            total += q01 > acc_t(0) ? q01 * exp_approx(a1[x] - shift) : acc_t(0);
+            total += q10 > acc_t(0) ? q10 * exp_approx(b0[x] - shift) : acc_t(0);
+            total += q11 > acc_t(0) ? q11 * exp_approx(b1[x] - shift) : acc_t(0);
+            lse[x] += total;
+          }
+        }
+#pragma omp simd reduction(max : nats_max) reduction(| : nans)
+        for (int64_t x = 0; x < W; ++x) {
+          const acc_t m = top[x];
+          const acc_t l = is_finite_value(m) ? m + log_approx(lse[x]) : m;
+          const acc_t nats = -(l + nats_shift);
+          nats_max = nats > nats_max ? nats : nats_max;
+          nans |= static_cast<int32_t>(nats != nats);
+        }
+      }
+      task_map_max[t] = map_max;
+      task_nats_max[t] = nats_max;
+      task_nan[t] = nans != 0;
+    }
+  });
+  // 3. per-image scores
+  scalar_t* sp = score.data_ptr<scalar_t>();
+  scalar_t* slp = log_space_score ? score_log.data_ptr<scalar_t>() : nullptr;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  for (int64_t b = 0; b < B; ++b) {
+    acc_t map_max = -std::numeric_limits<acc_t>::infinity(), nats_max = map_max;
+    bool any_nan = input_nan[b] != 0;
+    for (int64_t t = b * blocks_per_image; t < (b + 1) * blocks_per_image; ++t) {
+      map_max = std::max(map_max, task_map_max[t]);
+      nats_max = std::max(nats_max, task_nats_max[t]);
+      any_nan = any_nan || task_nan[t] != 0;
+    }
+    sp[b] = static_cast<scalar_t>(any_nan ? nan : map_max);
+    if (log_space_score) slp[b] = static_cast<scalar_t>(any_nan ? nan : nats_max);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fastflow_anomaly_map_fwd_cpu(at::TensorList maps,
+                                                                             at::IntArrayRef output_size,
+                                                                             bool log_space_score, double log_offset) {
+  check_fastflow_maps(maps, output_size, log_offset);
+  const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1];
+  const auto options = maps[0].options();
+  at::Tensor anomaly_map = new_output({B, H, W}, options);
+  at::Tensor score = new_output({B}, options);
+  at::Tensor score_log = new_output({log_space_score ? B : 0}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps[0].scalar_type(), "fastflow_anomaly_map_fwd_cpu", [&] {
+    fastflow_anomaly_map_kernel<scalar_t>(maps, H, W, log_space_score, log_offset, anomaly_map, score, score_log);
+  });
+  return {anomaly_map, score, score_log};
+}
+
 }  // namespace msflow_fast
 
 TORCH_LIBRARY_FRAGMENT(msflow_fast, m) {
@@ -601,6 +882,9 @@ TORCH_LIBRARY_FRAGMENT(msflow_fast, m) {
       "aggregate_anomaly_maps_fwd(Tensor[] log_likelihood_maps, int[] output_size, float top_k, "
       "bool log_space_score=False) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("log_space_score_fwd(Tensor[] log_likelihood_maps, int[] output_size, float top_k) -> Tensor");
+  m.def(
+      "fastflow_anomaly_map_fwd(Tensor[] log_likelihood_maps, int[] output_size, bool log_space_score=False, "
+      "float log_offset=0.0) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msflow_fast, CPU, m) {
@@ -610,4 +894,5 @@ TORCH_LIBRARY_IMPL(msflow_fast, CPU, m) {
   m.impl("log_likelihood_map_bwd", &msflow_fast::log_likelihood_map_bwd_cpu);
   m.impl("aggregate_anomaly_maps_fwd", &msflow_fast::aggregate_anomaly_maps_fwd_cpu);
   m.impl("log_space_score_fwd", &msflow_fast::log_space_score_fwd_cpu);
+  m.impl("fastflow_anomaly_map_fwd", &msflow_fast::fastflow_anomaly_map_fwd_cpu);
 }

@@ -1,7 +1,11 @@
-// Subnet ops: op schemas, argument checks and CPU kernels of the fused channel LayerNorm + ReLU
-//   out[b, :, p] = relu(LayerNorm_C(x[b, :, p] + addend[b or 0, :, p]) * weight + bias)
-// (see msflow_fast/ops/reference.py: channel_layer_norm_relu). The CUDA kernels live in
-// csrc/cuda/norm.cu.
+// Norm ops: op schemas, argument checks and CPU kernels of
+//   * the fused channel LayerNorm + ReLU of MSFlow's coupling subnet
+//       out[b, :, p] = relu(LayerNorm_C(x[b, :, p] + addend[b or 0, :, p]) * weight + bias)
+//     (see msflow_fast/ops/reference.py: channel_layer_norm_relu);
+//   * the per-sample LayerNorm over [C, H, W] of FastFlow's features (reference.sample_layer_norm)
+//       out[b, n] = (x[b, n] - mean_b) * rstd_b * weight[n] + bias[n],  n < N = numel / B
+//     (the section "Per-sample LayerNorm" below).
+// The CUDA kernels live in csrc/cuda/norm.cu.
 //
 // Layout: addend, out and the backward's tensors are NCHW-contiguous; the CPU forward also reads a
 // channels-last x (what a channels-last conv returns), transposing it on the fly. The CPU kernels
@@ -295,6 +299,297 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_bwd_cpu(
   return {grad_x, grad_weight, grad_bias};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Per-sample LayerNorm (FastFlow's nn.LayerNorm([C, H, W])): one mean and one biased variance per
+// sample over its N = C * H * W values, element-wise affine [N] (optional).
+//
+// The statistics are a split reduction: every chunk of kStatChunk consecutive values of a sample
+// gets its own two-pass mean m_i and M2_i (the chunk is still in cache for the second pass), and
+// the chunks of a sample are merged in a fixed order, in double (see sample_layer_norm_forward_kernel
+// for the two task layouts):
+//   mean = sum_i n_i m_i / N,  M2 = sum_i (M2_i + n_i (m_i - mean)^2),  rstd = 1 / sqrt(M2 / N + eps).
+// The backward, with xhat = (x - mean) * rstd and gx = grad * weight (grad without affine):
+//   grad_x = rstd * (gx - mean_N(gx) - xhat * mean_N(gx * xhat)),
+//   grad_weight[n] = sum_b grad * xhat,  grad_bias[n] = sum_b grad.
+// Its first pass runs over column chunks of kColumnChunk values, each walking the batch in order:
+// it owns grad_weight/grad_bias of its columns (sums over b in a fixed order, no partials) and
+// writes per-(sample, chunk) partial sums of gx and gx * xhat, merged in double. Every result is
+// independent of the thread count.
+
+void check_sample_layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, double eps) {
+  MSFLOW_CHECK_FLOAT(x);
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0,
+              "msflow_fast: x must be a non-empty [B, ...] tensor with at least 2 dims, got shape ", x.sizes());
+  MSFLOW_CHECK_CONTIGUOUS(x);
+  TORCH_CHECK(weight.has_value() == bias.has_value(),
+              "msflow_fast: weight and bias must be given together (or both None for no affine)");
+  const auto acc = acc_dtype(x);
+  for (const c10::optional<at::Tensor>* p : {&weight, &bias}) {
+    if (!p->has_value()) continue;
+    const at::Tensor& t = **p;
+    const char* name = p == &weight ? "weight" : "bias";
+    TORCH_CHECK(t.sizes() == x.sizes().slice(1), "msflow_fast: ", name, " must have x's per-sample shape ",
+                x.sizes().slice(1), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type() || t.scalar_type() == acc, "msflow_fast: ", name,
+                " must have x's dtype ", x.scalar_type(), " or ", acc, ", got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), "msflow_fast: ", name, " is on ", t.device(), " but x is on ", x.device());
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, "msflow_fast: eps must be a finite float > 0, got ", eps);
+}
+
+void check_sample_layer_norm_bwd(const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                 const at::Tensor& mean, const at::Tensor& rstd) {
+  check_sample_layer_norm(x, weight, weight, 1.0);
+  MSFLOW_CHECK_SAME_DEVICE(x, grad);
+  MSFLOW_CHECK_SAME_DTYPE(x, grad);
+  MSFLOW_CHECK_CONTIGUOUS(grad);
+  TORCH_CHECK(grad.sizes() == x.sizes(), "msflow_fast: grad must have x's shape ", x.sizes(), ", got ", grad.sizes());
+  for (const at::Tensor* s : {&mean, &rstd}) {
+    const char* name = s == &mean ? "mean" : "rstd";
+    TORCH_CHECK(s->device() == x.device(), "msflow_fast: ", name, " is on ", s->device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(s->dim() == 1 && s->size(0) == x.size(0), "msflow_fast: ", name, " must have shape [B] = (",
+                x.size(0), "), got ", s->sizes());
+    TORCH_CHECK(s->scalar_type() == acc_dtype(x), "msflow_fast: ", name, " must be ", acc_dtype(x), ", got ",
+                s->scalar_type());
+  }
+}
+
+namespace {
+
+constexpr int64_t kStatChunk = 8192;    // values per partial statistic (32 KB of float32)
+constexpr int64_t kColumnChunk = 2048;  // values per backward column task (its grad_weight/bias stay in L1)
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Two-pass mean and M2 of x[0:n] (n >= 1) with 16 independent lanes (vectorisable).
+template <typename scalar_t, typename acc_t>
+void chunk_moments(const scalar_t* x, int64_t n, double& mean_out, double& m2_out) {
+  constexpr int kLanes = 16;
+  acc_t lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += static_cast<acc_t>(x[i + l]);
+  }
+  acc_t sum = acc_t(0);
+  for (; i < n; ++i) sum += static_cast<acc_t>(x[i]);
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  const acc_t mean = sum / static_cast<acc_t>(n);
+  for (int l = 0; l < kLanes; ++l) lanes[l] = acc_t(0);
+  for (i = 0; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t d = static_cast<acc_t>(x[i + l]) - mean;
+      lanes[l] += d * d;
+    }
+  }
+  acc_t m2 = acc_t(0);
+  for (; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    m2 += d * d;
+  }
+  for (int l = 0; l < kLanes; ++l) m2 += lanes[l];
+  mean_out = static_cast<double>(mean);
+  m2_out = static_cast<double>(m2);
+}
+
+// mean[b], rstd[b] from the chunk moments of sample b, merged in order in double.
+template <typename acc_t>
+void merge_moments(const double* part_mean, const double* part_m2, int64_t chunks, int64_t N, double eps, acc_t& mean_out,
+                   acc_t& rstd_out) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < chunks; ++i) sum += static_cast<double>(std::min(kStatChunk, N - i * kStatChunk)) * part_mean[i];
+  const double mean = sum / static_cast<double>(N);
+  double m2 = 0.0;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const double d = part_mean[i] - mean;
+    m2 += part_m2[i] + static_cast<double>(std::min(kStatChunk, N - i * kStatChunk)) * d * d;
+  }
+  mean_out = static_cast<acc_t>(mean);
+  rstd_out = static_cast<acc_t>(1.0 / std::sqrt(m2 / static_cast<double>(N) + eps));
+}
+
+// out[0:n] = (x - mean) * rstd * weight + bias (no affine: weight == nullptr)
+template <typename scalar_t, typename acc_t>
+void normalize_chunk(const scalar_t* x, const acc_t* weight, const acc_t* bias, scalar_t* out, int64_t n, acc_t mean,
+                     acc_t rstd) {
+  if (weight != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * rstd * weight[i] + bias[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>((static_cast<acc_t>(x[i]) - mean) * rstd);
+  }
+}
+
+// With at least as many samples as threads, one task per sample (its values stay in L2 from the
+// statistics to the write); else one task per chunk in both passes. The chunks, and so the bits of
+// every result, are the same either way.
+template <typename scalar_t, typename acc_t>
+void sample_layer_norm_forward_kernel(const scalar_t* x, const acc_t* weight, const acc_t* bias, scalar_t* out,
+                                      acc_t* mean_out, acc_t* rstd_out, int64_t B, int64_t N, double eps) {
+  const int64_t chunks = ceil_div64(N, kStatChunk);
+  std::vector<double> part_mean(B * chunks), part_m2(B * chunks);
+  auto moments = [&](int64_t t) {
+    const int64_t b = t / chunks, start = (t % chunks) * kStatChunk;
+    chunk_moments<scalar_t, acc_t>(x + b * N + start, std::min(kStatChunk, N - start), part_mean[t], part_m2[t]);
+  };
+  auto write = [&](int64_t t) {
+    const int64_t b = t / chunks, start = (t % chunks) * kStatChunk;
+    normalize_chunk<scalar_t, acc_t>(x + b * N + start, weight != nullptr ? weight + start : nullptr,
+                                     bias != nullptr ? bias + start : nullptr, out + b * N + start,
+                                     std::min(kStatChunk, N - start), mean_out[b], rstd_out[b]);
+  };
+  auto merge = [&](int64_t b) {
+    merge_moments(part_mean.data() + b * chunks, part_m2.data() + b * chunks, chunks, N, eps, mean_out[b], rstd_out[b]);
+  };
+  if (B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t t = b * chunks; t < (b + 1) * chunks; ++t) moments(t);
+        merge(b);
+        for (int64_t t = b * chunks; t < (b + 1) * chunks; ++t) write(t);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) moments(t);
+  });
+  for (int64_t b = 0; b < B; ++b) merge(b);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) write(t);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void sample_layer_norm_backward_kernel(const scalar_t* grad, const scalar_t* x, const acc_t* weight,
+                                       const acc_t* mean, const acc_t* rstd, scalar_t* grad_x, acc_t* grad_weight,
+                                       acc_t* grad_bias, int64_t B, int64_t N) {
+  const int64_t cols = ceil_div64(N, kColumnChunk);
+  std::vector<double> partial(B * cols * 2);  // [B, cols, (sum gx, sum gx * xhat)]
+  at::parallel_for(0, cols, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t start = k * kColumnChunk, n = std::min(kColumnChunk, N - start);
+      acc_t* dw = grad_weight != nullptr ? grad_weight + start : nullptr;
+      acc_t* db = grad_bias != nullptr ? grad_bias + start : nullptr;
+      const acc_t* w = weight != nullptr ? weight + start : nullptr;
+      if (dw != nullptr) {
+        std::fill(dw, dw + n, acc_t(0));
+        std::fill(db, db + n, acc_t(0));
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const scalar_t* xs = x + b * N + start;
+        const scalar_t* gs = grad + b * N + start;
+        const acc_t m = mean[b], r = rstd[b];
+        acc_t s1 = acc_t(0), s2 = acc_t(0);
+        if (w != nullptr) {
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t xh = (static_cast<acc_t>(xs[i]) - m) * r;
+            const acc_t g = static_cast<acc_t>(gs[i]);
+            const acc_t gx = g * w[i];
+            s1 += gx;
+            s2 += gx * xh;
+            dw[i] += g * xh;
+            db[i] += g;
+          }
+        } else {
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t i = 0; i < n; ++i) {
+            const acc_t xh = (static_cast<acc_t>(xs[i]) - m) * r;
+            const acc_t g = static_cast<acc_t>(gs[i]);
+            s1 += g;
+            s2 += g * xh;
+          }
+        }
+        partial[(b * cols + k) * 2] = static_cast<double>(s1);
+        partial[(b * cols + k) * 2 + 1] = static_cast<double>(s2);
+      }
+    }
+  });
+  std::vector<acc_t> m1(B), m2(B);
+  for (int64_t b = 0; b < B; ++b) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = 0; k < cols; ++k) {
+      s1 += partial[(b * cols + k) * 2];
+      s2 += partial[(b * cols + k) * 2 + 1];
+    }
+    m1[b] = static_cast<acc_t>(s1 / static_cast<double>(N));
+    m2[b] = static_cast<acc_t>(s2 / static_cast<double>(N));
+  }
+  const int64_t chunks = ceil_div64(N, kStatChunk);
+  at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, start = (t % chunks) * kStatChunk, n = std::min(kStatChunk, N - start);
+      const scalar_t* xs = x + b * N + start;
+      const scalar_t* gs = grad + b * N + start;
+      scalar_t* dxs = grad_x + b * N + start;
+      const acc_t m = mean[b], r = rstd[b], a1 = m1[b], a2 = m2[b];
+      if (weight != nullptr) {
+        const acc_t* w = weight + start;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t xh = (static_cast<acc_t>(xs[i]) - m) * r;
+          dxs[i] = static_cast<scalar_t>(r * (static_cast<acc_t>(gs[i]) * w[i] - a1 - xh * a2));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const acc_t xh = (static_cast<acc_t>(xs[i]) - m) * r;
+          dxs[i] = static_cast<scalar_t>(r * (static_cast<acc_t>(gs[i]) - a1 - xh * a2));
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_layer_norm_fwd_cpu(const at::Tensor& x,
+                                                                          const c10::optional<at::Tensor>& weight,
+                                                                          const c10::optional<at::Tensor>& bias,
+                                                                          double eps) {
+  check_sample_layer_norm(x, weight, bias, eps);
+  const int64_t B = x.size(0), N = x.numel() / B;
+  const auto acc = acc_dtype(x.scalar_type());
+  at::Tensor w = weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  at::Tensor out = new_output(x.sizes(), x.options());
+  at::Tensor mean = new_output({B}, x.options().dtype(acc));
+  at::Tensor rstd = new_output({B}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_layer_norm_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    sample_layer_norm_forward_kernel<scalar_t, acc_t>(
+        x.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<acc_t>() : nullptr, b.defined() ? b.data_ptr<acc_t>() : nullptr,
+        out.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), B, N, eps);
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_layer_norm_bwd_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                          const c10::optional<at::Tensor>& weight,
+                                                                          const at::Tensor& mean,
+                                                                          const at::Tensor& rstd) {
+  check_sample_layer_norm_bwd(grad, x, weight, mean, rstd);
+  const int64_t B = x.size(0), N = x.numel() / B;
+  const auto acc = acc_dtype(x.scalar_type());
+  const bool affine = weight.has_value();
+  at::Tensor w = affine ? weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+  at::Tensor grad_x = new_output(x.sizes(), x.options());
+  at::Tensor grad_weight = affine ? new_output(x.sizes().slice(1), x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  at::Tensor grad_bias = affine ? new_output(x.sizes().slice(1), x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_layer_norm_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    sample_layer_norm_backward_kernel<scalar_t, acc_t>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), affine ? w.data_ptr<acc_t>() : nullptr, m.data_ptr<acc_t>(),
+        r.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), affine ? grad_weight.data_ptr<acc_t>() : nullptr,
+        affine ? grad_bias.data_ptr<acc_t>() : nullptr, B, N);
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
 }  // namespace msflow_fast
 
 TORCH_LIBRARY_FRAGMENT(msflow_fast, m) {
@@ -304,9 +599,15 @@ TORCH_LIBRARY_FRAGMENT(msflow_fast, m) {
   m.def(
       "channel_layer_norm_relu_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor? addend, "
       "Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+  m.def("sample_layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sample_layer_norm_bwd(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msflow_fast, CPU, m) {
   m.impl("channel_layer_norm_relu_fwd", &msflow_fast::channel_layer_norm_relu_fwd_cpu);
   m.impl("channel_layer_norm_relu_bwd", &msflow_fast::channel_layer_norm_relu_bwd_cpu);
+  m.impl("sample_layer_norm_fwd", &msflow_fast::sample_layer_norm_fwd_cpu);
+  m.impl("sample_layer_norm_bwd", &msflow_fast::sample_layer_norm_bwd_cpu);
 }

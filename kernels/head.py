@@ -6,6 +6,8 @@ float32 for half/bfloat16/float32 inputs and float64 for float64 inputs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -511,9 +513,222 @@ def log_space_score_fwd(maps: list[torch.Tensor], output_size: tuple[int, int], 
     return _log_space_top_k(sum_log, block_max, num_blocks, top_k, maps[0].dtype)
 
 
+# ----------------------------------------------------------------------------------- FastFlow map
+#
+# ``anomaly_map = -mean_k Up(exp(L_k + log_offset))`` (bilinear, align_corners=False), ``score`` its
+# maximum per image, and the log-space score: the maximum of ``-(lse + log_offset - log K)`` with
+# ``lse`` the logsumexp over scales and bilinear taps of ``log w + L_k``. The scales' maps are
+# converted once into one ``[B, T]`` buffer (T = sum of h_k w_k) with their exp beside it, so one
+# launch walks any number of scales; their taps come in small tables made on the host in float64
+# (as reference.bilinear_taps makes them: a weight is zero exactly where the reference's is). Per
+# output pixel the map needs 4 exp-grid taps per scale, the log-space value a max over the taps of
+# nonzero weight, then a sum of w exp(L - max). Per-block maxima and NaN counts are reduced per
+# image by one program.
+
+
+@triton.jit
+def _fastflow_exp_fwd_kernel(
+    logp_ptr, logp_acc_ptr, prob_ptr, nan_ptr, n, T, offset,
+    LOG_OFFSET: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # logp_acc[b, offset + i] = L[b, i], prob[b, offset + i] = exp(L[b, i] + log_offset); nan[b] = NaNs in L[b]
+    pid_b = tl.program_id(0)
+    src = logp_ptr + pid_b.to(tl.int64) * n
+    dst = pid_b.to(tl.int64) * T + offset
+    offs = tl.arange(0, BLOCK)
+    nans = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + offs
+        mask = idx < n
+        v = tl.load(src + idx, mask=mask, other=0.0).to(ACC)
+        tl.store(logp_acc_ptr + dst + idx, v, mask=mask)
+        tl.store(prob_ptr + dst + idx, tl.exp(v + LOG_OFFSET), mask=mask)
+        nans += (v != v).to(tl.int32)
+    tl.store(nan_ptr + pid_b, tl.sum(nans, axis=0))
+
+
+@triton.jit
+def _fastflow_tap(tap_idx_ptr, tap_w_ptr, table, o):
+    # entry o of one tap table: (source offset, weight)
+    return tl.load(tap_idx_ptr + table + o), tl.load(tap_w_ptr + table + o)
+
+
+@triton.jit
+def _fastflow_anomaly_map_fwd_kernel(
+    logp_ptr, prob_ptr, tap_idx_ptr, tap_w_ptr, map_ptr, block_max_ptr, K, T, H, W, NUM_BLOCKS,
+    NATS_SHIFT: tl.constexpr, LOG_SPACE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # map = -mean_k Up(P_k); nats = -(logsumexp_{k, taps}(log w + L_k) + log_offset - log K);
+    # block_max[b, block] = (max map, max nats, NaN count). Taps of scale k: rows [k, 0|1, H] (source
+    # offset in the image's [T] values, weight), then columns [k, 0|1, W] of tap_idx / tap_w.
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    N = H * W
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    oy = tl.where(mask, offs // W, 0)
+    ox = tl.where(mask, offs % W, 0)
+    row = pid_b.to(tl.int64) * T
+    cols = 2 * K * H
+    total = tl.zeros([BLOCK], dtype=ACC)
+    top = tl.full([BLOCK], float("-inf"), dtype=ACC)
+    for k in range(0, K):
+        r0, hy0 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, 2 * k * H, oy)
+        r1, hy1 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, (2 * k + 1) * H, oy)
+        c0, wx0 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, cols + 2 * k * W, ox)
+        c1, wx1 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, cols + (2 * k + 1) * W, ox)
+        i00, i01, i10, i11 = row + r0 + c0, row + r0 + c1, row + r1 + c0, row + r1 + c1
+        total += hy0 * (wx0 * tl.load(prob_ptr + i00, mask=mask, other=0.0) + wx1 * tl.load(prob_ptr + i01, mask=mask, other=0.0))
+        total += hy1 * (wx0 * tl.load(prob_ptr + i10, mask=mask, other=0.0) + wx1 * tl.load(prob_ptr + i11, mask=mask, other=0.0))
+        if LOG_SPACE:
+            top = tl.maximum(top, tl.where(hy0 * wx0 > 0, tl.load(logp_ptr + i00, mask=mask, other=0.0), float("-inf")))
+            top = tl.maximum(top, tl.where(hy0 * wx1 > 0, tl.load(logp_ptr + i01, mask=mask, other=0.0), float("-inf")))
+            top = tl.maximum(top, tl.where(hy1 * wx0 > 0, tl.load(logp_ptr + i10, mask=mask, other=0.0), float("-inf")))
+            top = tl.maximum(top, tl.where(hy1 * wx1 > 0, tl.load(logp_ptr + i11, mask=mask, other=0.0), float("-inf")))
+    value = -total / K
+    tl.store(map_ptr + pid_b.to(tl.int64) * N + offs, value.to(map_ptr.dtype.element_ty), mask=mask)
+    nans = tl.sum((mask & (value != value)).to(tl.int32), axis=0)
+    out = block_max_ptr + (pid_b.to(tl.int64) * NUM_BLOCKS + pid_n) * 3
+    tl.store(out, tl.max(tl.where(mask, value, float("-inf")), axis=0))
+    if LOG_SPACE:
+        finite = (top == top) & (tl.abs(top) < float("inf"))
+        shift = tl.where(finite, top, 0.0)
+        s = tl.zeros([BLOCK], dtype=ACC)
+        for k in range(0, K):
+            r0, hy0 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, 2 * k * H, oy)
+            r1, hy1 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, (2 * k + 1) * H, oy)
+            c0, wx0 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, cols + 2 * k * W, ox)
+            c1, wx1 = _fastflow_tap(tap_idx_ptr, tap_w_ptr, cols + (2 * k + 1) * W, ox)
+            q = hy0 * wx0
+            arg = tl.where(q > 0, tl.load(logp_ptr + row + r0 + c0, mask=mask, other=0.0) - shift, float("-inf"))
+            s += q * tl.exp(arg)
+            q = hy0 * wx1
+            arg = tl.where(q > 0, tl.load(logp_ptr + row + r0 + c1, mask=mask, other=0.0) - shift, float("-inf"))
+            s += q * tl.exp(arg)
+            q = hy1 * wx0
+            arg = tl.where(q > 0, tl.load(logp_ptr + row + r1 + c0, mask=mask, other=0.0) - shift, float("-inf"))
+            s += q * tl.exp(arg)
+            q = hy1 * wx1
+            arg = tl.where(q > 0, tl.load(logp_ptr + row + r1 + c1, mask=mask, other=0.0) - shift, float("-inf"))
+            s += q * tl.exp(arg)
+        nats = -(tl.where(finite, top + tl.log(s), top) + NATS_SHIFT)
+        nans += tl.sum((mask & (nats != nats)).to(tl.int32), axis=0)
+        tl.store(out + 1, tl.max(tl.where(mask, nats, float("-inf")), axis=0))
+    tl.store(out + 2, nans.to(ACC))
+
+
+@triton.jit
+def _fastflow_scores_fwd_kernel(
+    block_max_ptr, nan_ptr, score_ptr, score_log_ptr, B, K, NUM_BLOCKS,
+    LOG_SPACE: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # score[b] = max map, score_log[b] = max nats; NaN where the image's maps or map hold a NaN
+    pid_b = tl.program_id(0)
+    base = block_max_ptr + pid_b.to(tl.int64) * NUM_BLOCKS * 3
+    offs = tl.arange(0, BLOCK_P)
+    map_max = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
+    nats_max = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
+    nans = tl.zeros([BLOCK_P], dtype=ACC)
+    for p0 in range(0, NUM_BLOCKS, BLOCK_P):
+        p = p0 + offs
+        mask = p < NUM_BLOCKS
+        map_max = tl.maximum(map_max, tl.load(base + 3 * p, mask=mask, other=float("-inf")))
+        if LOG_SPACE:
+            nats_max = tl.maximum(nats_max, tl.load(base + 3 * p + 1, mask=mask, other=float("-inf")))
+        nans += tl.load(base + 3 * p + 2, mask=mask, other=0.0)
+    ks = tl.arange(0, BLOCK_K)
+    input_nans = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        input_nans += tl.load(nan_ptr + k * B + pid_b, mask=k < K, other=0)
+    poisoned = (tl.sum(nans, axis=0) > 0) | (tl.sum(input_nans, axis=0) > 0)
+    score = tl.where(poisoned, float("nan"), tl.max(map_max, axis=0))
+    tl.store(score_ptr + pid_b, score.to(score_ptr.dtype.element_ty))
+    if LOG_SPACE:
+        score_log = tl.where(poisoned, float("nan"), tl.max(nats_max, axis=0))
+        tl.store(score_log_ptr + pid_b, score_log.to(score_log_ptr.dtype.element_ty))
+
+
+def _half_pixel_taps(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """align_corners=False taps of one axis on the CPU in float64, with reference.bilinear_taps's
+    arithmetic (so a weight is exactly zero where the reference's is; the identity when in == out):
+    ``(i0 [out], i1 [out], lambda1 [out])``."""
+    if in_size == out_size:
+        i0 = torch.arange(out_size, dtype=torch.int64)
+        return i0, i0, torch.zeros(out_size, dtype=torch.float64)
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp_(min=0.0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    return i0, (i0 + 1).clamp_(max=in_size - 1), src - i0.double()
+
+
+def _fastflow_tap_tables(
+    sizes: list[tuple[int, int]], output_size: tuple[int, int], acc: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tap tables of every scale, one int32 and one ``acc`` tensor: rows ``[K, 2, H]`` (the source row's
+    offset in an image's [T] values, its weight), then columns ``[K, 2, W]``."""
+    H, W = output_size
+    rows_idx, rows_w, cols_idx, cols_w = [], [], [], []
+    offset = 0
+    for h, w in sizes:
+        y0, y1, ly = _half_pixel_taps(H, h)
+        x0, x1, lx = _half_pixel_taps(W, w)
+        rows_idx += [offset + y0 * w, offset + y1 * w]
+        rows_w += [1.0 - ly, ly]
+        cols_idx += [x0, x1]
+        cols_w += [1.0 - lx, lx]
+        offset += h * w
+    idx = torch.cat(rows_idx + cols_idx).to(torch.int32)
+    weights = torch.cat(rows_w + cols_w).to(acc)
+    return idx.to(device), weights.to(device)
+
+
+def fastflow_anomaly_map_fwd(
+    maps: list[torch.Tensor], output_size: tuple[int, int], *, log_space_score: bool = False, log_offset: float = 0.0
+) -> tuple[torch.Tensor, ...]:
+    """FastFlow's ``(anomaly_map [B, H, W], score [B])`` (dtype of the maps), plus ``score_log_space [B]``
+    (nats) with ``log_space_score``; one pass over the output pixels for all of them."""
+    B = maps[0].shape[0]
+    H, W = output_size
+    N = H * W
+    K = len(maps)
+    dtype, device = maps[0].dtype, maps[0].device
+    acc, acc_tl = acc_dtype(dtype), tl_acc(dtype)
+    T = sum(m.shape[1] * m.shape[2] for m in maps)
+    logp = torch.empty((B, T), dtype=acc, device=device)
+    prob = torch.empty((B, T), dtype=acc, device=device)
+    input_nans = torch.empty((K, B), dtype=torch.int32, device=device)
+    offset = 0
+    for k, m in enumerate(maps):
+        h, w = m.shape[1], m.shape[2]
+        _fastflow_exp_fwd_kernel[(B,)](
+            logp_ptr=m.contiguous(), logp_acc_ptr=logp, prob_ptr=prob, nan_ptr=input_nans[k], n=h * w, T=T, offset=offset,
+            LOG_OFFSET=float(log_offset), ACC=acc_tl, BLOCK=min(triton.next_power_of_2(h * w), 4096 if _INTERPRET else 1024),
+        )
+        offset += h * w
+    tap_idx, tap_w = _fastflow_tap_tables([(m.shape[1], m.shape[2]) for m in maps], (H, W), acc, device)
+    block = _BLOCK_MAP // 2 if acc == torch.float64 and not _INTERPRET else _BLOCK_MAP
+    num_blocks = triton.cdiv(N, block)
+    anomaly_map = torch.empty((B, H, W), dtype=dtype, device=device)
+    block_max = torch.empty((B, num_blocks, 3), dtype=acc, device=device)
+    _fastflow_anomaly_map_fwd_kernel[(num_blocks, B)](
+        logp_ptr=logp, prob_ptr=prob, tap_idx_ptr=tap_idx, tap_w_ptr=tap_w, map_ptr=anomaly_map, block_max_ptr=block_max,
+        K=K, T=T, H=H, W=W, NUM_BLOCKS=num_blocks, NATS_SHIFT=float(log_offset) - math.log(K),
+        LOG_SPACE=bool(log_space_score), ACC=acc_tl, BLOCK=block,
+    )
+    score = torch.empty((B,), dtype=dtype, device=device)
+    score_log = torch.empty((B,), dtype=dtype, device=device) if log_space_score else score
+    _fastflow_scores_fwd_kernel[(B,)](
+        block_max_ptr=block_max, nan_ptr=input_nans, score_ptr=score, score_log_ptr=score_log, B=B, K=K,
+        NUM_BLOCKS=num_blocks, LOG_SPACE=bool(log_space_score), ACC=acc_tl,
+        BLOCK_P=min(triton.next_power_of_2(num_blocks), 1024), BLOCK_K=min(triton.next_power_of_2(K), 64),
+    )
+    return (anomaly_map, score, score_log) if log_space_score else (anomaly_map, score)
+
+
 __all__ = [
     "MAX_SCALES",
     "aggregate_anomaly_maps_fwd",
+    "fastflow_anomaly_map_fwd",
     "gaussian_nll_bwd",
     "gaussian_nll_fwd",
     "log_likelihood_map_bwd",

@@ -133,6 +133,12 @@ def _head_cases(dtype):
         ops.aggregate_anomaly_maps(maps, (256, 256), backend="triton")
         ops.log_space_score(maps, (256, 256), backend="triton")
         ops.aggregate_anomaly_maps([torch.randn(2, 5, 7, dtype=dtype)] * 5, (33, 29), backend="triton")
+        # FastFlow's map: resnet18's three stages to a 256-px input, both scores; five odd scales.
+        for log_space_score in (False, True):
+            ops.aggregate_anomaly_maps(maps, (256, 256), mode="fastflow", log_space_score=log_space_score, backend="triton")
+        ops.aggregate_anomaly_maps(
+            [torch.randn(2, 5, 7, dtype=dtype)] * 5, (33, 29), mode="fastflow", log_space_score=True, log_offset=1.0, backend="triton"
+        )
 
 
 def _norm_cases(dtype):
@@ -144,6 +150,13 @@ def _norm_cases(dtype):
             addend = None if addend_batch is None else _randn(addend_batch, c, h, w, dtype=dtype)
             leaves = [t for t in (x, weight, bias, addend) if t is not None]
             _backward([ops.channel_layer_norm_relu(x, weight, bias, addend, backend="triton")], leaves)
+    # FastFlow's per-sample LayerNorm: resnet18's first stage at batch 8 (N = 262144 per sample), an odd shape.
+    for b, c, h, w in [(8, 64, 64, 64), (3, 7, 13, 17)] if dtype == torch.float32 else [(8, 64, 64, 64)]:
+        for affine in (True, False):
+            x = _randn(b, c, h, w, dtype=dtype)
+            weight, bias = (_randn(c, h, w, dtype=params), _randn(c, h, w, dtype=params)) if affine else (None, None)
+            leaves = [t for t in (x, weight, bias) if t is not None]
+            _backward([ops.sample_layer_norm(x, weight, bias, backend="triton")], leaves)
 
 
 CASES = {"coupling": _coupling_cases, "head": _head_cases, "norm": _norm_cases}

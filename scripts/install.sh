@@ -12,8 +12,9 @@ if [ ! -x "$PY" ]; then
 fi
 "$PY" -m pip install -q setuptools wheel ninja
 # torch 2.14.1 is a CUDA-13 build (matches nvcc 13.0) that lies on the local disk; torchvision
-# must come from the same release line for timm to import.
-"$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" numpy
+# must come from the same release line for timm to import. constraints.txt pins both for every
+# install below, so the test extras (anomalib, ...) cannot replace them.
+"$PY" -m pip install -q -c constraints.txt torch torchvision numpy
 
 if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
   EXPECT_CUDA=1
@@ -24,7 +25,7 @@ else
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
 start=$(date +%s)
-"$PY" -m pip install -q --no-build-isolation -e ".[test,timm]"
+"$PY" -m pip install -q --no-build-isolation -c constraints.txt -e ".[test,timm]"
 echo "extension build + install: $(( $(date +%s) - start )) s"
 
 EXPECT_CUDA=$EXPECT_CUDA "$PY" - <<'PYEOF'

@@ -11,7 +11,7 @@ from msflow_fast.ops import reference
 from conftest import DEVICE, fused_backends
 from helpers import assert_close_to_reference
 
-HEAD_OPS = ("gaussian_nll", "log_likelihood_map", "aggregate_anomaly_maps", "log_space_score")
+HEAD_OPS = ("gaussian_nll", "log_likelihood_map", "aggregate_anomaly_maps", "log_space_score", "fastflow_anomaly_map")
 
 
 def _backends(op: str) -> list[str]:
@@ -405,3 +405,205 @@ def test_nll_and_map_bad_inputs_raise(backend):
         ops.log_likelihood_map(z[0], backend=backend)
     with pytest.raises(TypeError, match="z"):
         ops.log_likelihood_map([z], backend=backend)
+
+
+# ----------------------------------------------------------------------------------- FastFlow mode
+
+
+def _fastflow(maps, size, backend, **options):
+    return ops.aggregate_anomaly_maps(maps, size, mode="fastflow", backend=backend, **options)
+
+
+FASTFLOW_SIZES = {
+    "up_29x31": (29, 31),  # upsampling every scale, odd ratios
+    "down_5x5": (5, 5),  # downsampling the larger scales (some of their cells are never tapped)
+    "same_13x17": (13, 17),  # the identity for a 13x17 scale
+    "one_1x1": (1, 1),
+    "mixed_4x40": (4, 40),  # down along y, up along x
+}
+
+
+@pytest.mark.parametrize("backend", _backends("fastflow_anomaly_map"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("scales", list(SCALE_SETS), ids=str)
+@pytest.mark.parametrize("size", list(FASTFLOW_SIZES), ids=str)
+def test_fastflow_map_matches_reference(backend, dtype, batch, scales, size):
+    output_size = FASTFLOW_SIZES[size]
+    maps = _random_maps(batch, SCALE_SETS[scales])
+    out = _fastflow([m.to(dtype) for m in maps], output_size, backend, log_space_score=True)
+    eager = reference.fastflow_anomaly_map([m.to(dtype) for m in maps], output_size, log_space_score=True)
+    exact = reference.fastflow_anomaly_map(maps, output_size, log_space_score=True)
+    for name, a, e, x in zip(("anomaly_map", "score", "score_log_space"), out, eager, exact):
+        assert a.dtype == dtype and a.shape == e.shape, name
+        assert_close_to_reference(name, a, e, x)
+    two = _fastflow([m.to(dtype) for m in maps], output_size, backend)
+    assert len(two) == 2 and torch.equal(two[0], out[0]) and torch.equal(two[1], out[1])
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+@pytest.mark.parametrize("log_offset", [0.0, 1.0, -2.5], ids=str)
+def test_fastflow_log_offset_and_map_range(backend, log_offset):
+    """DADF's map is -exp(1 + L): the offset scales the map by e^offset and shifts the log-space score."""
+    maps = _random_maps(2, [(7, 9), (4, 5), (2, 3)])
+    out = _fastflow(maps, (13, 11), backend, log_space_score=True, log_offset=log_offset)
+    base = reference.fastflow_anomaly_map(maps, (13, 11), log_space_score=True)
+    torch.testing.assert_close(out[0], base[0] * torch.exp(torch.tensor(log_offset, dtype=torch.float64)))
+    torch.testing.assert_close(out[2], base[2] - log_offset)
+    assert (out[0] <= 0).all() and (out[0] >= -torch.exp(torch.tensor(log_offset, dtype=torch.float64))).all()
+    torch.testing.assert_close(out[2], -torch.log(-out[1]))  # -log(-v) is increasing: the same maximum
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+@pytest.mark.parametrize("dtype,low", [(torch.float32, -400.0), (torch.float64, -1500.0)], ids=["float32", "float64"])
+def test_fastflow_official_map_underflows_and_the_log_space_score_stays_exact(backend, dtype, low):
+    """Log-likelihoods far below -104 (float32) or -745 (float64): exp(L) is 0, so the official map
+    and score are exactly 0 for every image; the log-space score still ranks them, exactly."""
+    maps = [low + 100.0 * torch.rand(3, h, w, dtype=torch.float64, device=DEVICE) for h, w in ((7, 9), (4, 5))]
+    anomaly_map, score, score_log = _fastflow([m.to(dtype) for m in maps], (13, 11), backend, log_space_score=True)
+    assert (anomaly_map == 0).all() and (score == 0).all()
+    exact = reference.fastflow_anomaly_map(maps, (13, 11), log_space_score=True)[2]
+    torch.testing.assert_close(score_log, exact.to(dtype), rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0.0)
+    assert score_log.unique().numel() == 3
+
+
+@pytest.mark.parametrize("backend", _backends("fastflow_anomaly_map"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fastflow_many_scales_and_large_gaps(backend, dtype):
+    """Seven scales (more than one launch of the msflow kernels takes), 1x1 to 17x13, with
+    log-likelihood gaps of hundreds of nats inside an image."""
+    sizes = [(17, 13), (9, 7), (1, 1), (5, 6), (3, 3), (13, 17), (2, 9)]
+    maps = [-300.0 * torch.rand(2, h, w, dtype=torch.float64, device=DEVICE) for h, w in sizes]
+    out = _fastflow([m.to(dtype) for m in maps], (21, 19), backend, log_space_score=True)
+    eager = reference.fastflow_anomaly_map([m.to(dtype) for m in maps], (21, 19), log_space_score=True)
+    exact = reference.fastflow_anomaly_map(maps, (21, 19), log_space_score=True)
+    for name, a, e, x in zip(("anomaly_map", "score", "score_log_space"), out, eager, exact):
+        assert_close_to_reference(name, a, e, x)
+
+
+@pytest.mark.parametrize("backend", _backends("fastflow_anomaly_map"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fastflow_half_inputs(backend, dtype):
+    maps = [m.to(dtype) for m in _random_maps(2, [(7, 9), (4, 5)], spread=2.0)]
+    out = _fastflow(maps, (13, 11), backend, log_space_score=True)
+    exact = reference.fastflow_anomaly_map([m.double() for m in maps], (13, 11), log_space_score=True)
+    for a, x in zip(out, exact):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), x, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", _backends("fastflow_anomaly_map"))
+def test_fastflow_non_contiguous_maps_and_repeats(backend):
+    maps = [m.transpose(1, 2) for m in _random_maps(2, [(9, 7), (17, 13)])]
+    out = _fastflow(maps, (29, 31), backend, log_space_score=True)
+    for a, r in zip(out, reference.fastflow_anomaly_map(maps, (29, 31), log_space_score=True)):
+        torch.testing.assert_close(a, r)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = _fastflow(maps, (29, 31), backend, log_space_score=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(out, again)), "not bit-reproducible"
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+@pytest.mark.parametrize("where", ["coarse", "fine"])
+def test_fastflow_a_nan_in_an_image_makes_its_scores_nan(backend, where):
+    maps = _random_maps(3, [(7, 9), (4, 5)])
+    maps[0 if where == "fine" else 1][1, 2, 3] = float("nan")
+    _, score, score_log = _fastflow(maps, (13, 11), backend, log_space_score=True)
+    expected = reference.fastflow_anomaly_map([m[[0, 2]] for m in maps], (13, 11), log_space_score=True)
+    for name, s, e in (("score", score, expected[1]), ("score_log_space", score_log, expected[2])):
+        assert s[1].isnan(), f"{name}: the image with a NaN scored {s[1].item()}"
+        torch.testing.assert_close(s[[0, 2]], e)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+def test_fastflow_a_nan_that_no_output_pixel_reads_still_poisons_the_scores(backend):
+    """Downsampling 13x17 to 5x5 reads only some source cells; a NaN in another one leaves every map
+    pixel finite, and every backend still scores that image NaN (they scan the maps)."""
+    maps = _random_maps(2, [(13, 17)])
+    maps[0][0, 2, 2] = float("nan")  # rows 0-1, 3-4, 6-9, 11-12 and columns 0-1, 3-5, 6-8, ... are read
+    anomaly_map, score, score_log = _fastflow(maps, (5, 5), backend, log_space_score=True)
+    assert torch.isfinite(anomaly_map).all()
+    assert score[0].isnan() and score_log[0].isnan()
+    expected = reference.fastflow_anomaly_map(maps, (5, 5), log_space_score=True)
+    torch.testing.assert_close(anomaly_map, expected[0])
+    torch.testing.assert_close(score[1:], expected[1][1:])
+    torch.testing.assert_close(score_log[1:], expected[2][1:])
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+def test_fastflow_gradients_are_the_reference_ones(backend):
+    maps = [m.requires_grad_() for m in _random_maps(2, [(7, 9), (4, 5)])]
+
+    def weighted(*ms):
+        outs = _fastflow(list(ms), (13, 11), backend, log_space_score=True, log_offset=0.5)
+        return sum((o * torch.linspace(0.5, 1.5, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum() for o in outs)
+
+    grads = torch.autograd.grad(weighted(*maps), maps)
+    with ops.use_backend("reference"):
+        expected = torch.autograd.grad(weighted(*maps), maps)
+    for g, e in zip(grads, expected):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    small = [m.requires_grad_() for m in _random_maps(1, [(3, 4), (2, 3)])]
+    assert torch.autograd.gradcheck(lambda *ms: _fastflow(list(ms), (4, 5), backend, log_space_score=True), small)
+    with torch.no_grad():
+        out = _fastflow(maps, (13, 11), backend)
+    assert not any(o.requires_grad for o in out)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+@pytest.mark.parametrize("case", [c for c in BAD_AGGREGATE_INPUTS if "top_k" not in c[0]], ids=lambda c: c[0])
+def test_fastflow_bad_inputs_raise(backend, case):
+    _, make, exc, match = case
+    maps, size, _ = make(_random_maps(2, [(7, 9), (4, 5)]))
+    with pytest.raises(exc, match=match):
+        _fastflow(maps, size, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", *_backends("fastflow_anomaly_map")])
+@pytest.mark.parametrize("log_offset", [float("nan"), float("inf"), True, "1.0", None], ids=repr)
+def test_fastflow_bad_log_offset_raises(backend, log_offset):
+    with pytest.raises(ValueError, match="log_offset must be a finite number"):
+        _fastflow(_random_maps(2, [(7, 9)]), (5, 5), backend, log_offset=log_offset)
+
+
+def test_fastflow_on_another_device_is_named():
+    maps = _random_maps(2, [(7, 9), (4, 5)])
+    with pytest.raises(TypeError, match=r"log_likelihood_maps\[1\] is on meta"):
+        _fastflow([maps[0], maps[1].to("meta")], (5, 5), "reference")
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="msflow_fast._C is not built")
+def test_opcheck_cpp_fastflow_op():
+    import msflow_fast.ops._cpp_head  # noqa: F401  (registers the fake kernel)
+
+    o = torch.ops.msflow_fast
+    maps = _random_maps(2, [(7, 9), (4, 5)])
+    torch.library.opcheck(o.fastflow_anomaly_map_fwd, (maps, [11, 13]))
+    torch.library.opcheck(o.fastflow_anomaly_map_fwd, (maps, [11, 13], True, 1.0))
+    torch.library.opcheck(o.fastflow_anomaly_map_fwd, ([m.float() for m in maps], [3, 2], True, 0.0))
+    with pytest.raises(RuntimeError, match="log_offset must be a finite number"):
+        o.fastflow_anomaly_map_fwd(maps, [5, 5], True, float("inf"))
+    with pytest.raises(RuntimeError, match="batch"):
+        o.fastflow_anomaly_map_fwd([maps[0], maps[1][:1]], [5, 5])
+    with pytest.raises(RuntimeError, match="empty"):
+        o.fastflow_anomaly_map_fwd([], [5, 5])
+    with pytest.raises(RuntimeError, match="output_size"):
+        o.fastflow_anomaly_map_fwd(maps, [0, 5])
+    assert o.fastflow_anomaly_map_fwd(maps, [5, 5])[2].shape == (0,)
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="msflow_fast._C is not built")
+def test_cpp_fastflow_op_under_torch_compile():
+    maps = _random_maps(2, [(7, 9), (4, 5)])
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def head(a, b):
+        return _fastflow([a, b], (11, 13), "cpp", log_space_score=True)
+
+    for x, r in zip(head(*maps), reference.fastflow_anomaly_map(maps, (11, 13), log_space_score=True)):
+        torch.testing.assert_close(x, r)

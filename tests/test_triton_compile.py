@@ -55,10 +55,14 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
         "_gaussian_nll_fwd_kernel", "_gaussian_nll_bwd_kernel", "_log_likelihood_map_fwd_kernel",
         "_log_likelihood_map_bwd_kernel", "_aggregate_anomaly_maps_fwd_kernel", "_anomaly_maps_finish_fwd_kernel",
         "_top_k_mean_fwd_kernel", "_channel_layer_norm_relu_fwd_kernel", "_channel_layer_norm_relu_bwd_kernel",
+        "_sample_layer_norm_fwd_stats_kernel", "_sample_layer_norm_fwd_reduce_kernel", "_sample_layer_norm_fwd_kernel",
+        "_sample_layer_norm_bwd_stats_kernel", "_sample_layer_norm_bwd_reduce_kernel", "_sample_layer_norm_bwd_kernel",
+        "_fastflow_exp_fwd_kernel", "_fastflow_anomaly_map_fwd_kernel", "_fastflow_scores_fwd_kernel",
     ):
         assert name in kernels, f"{name} was never compiled"
     for dtype in ("float32", "float64", "bfloat16", "float16"):
         assert ("_affine_coupling_fwd_kernel", dtype) in built and ("_top_k_mean_fwd_kernel", dtype) in built
+        assert ("_sample_layer_norm_bwd_kernel", dtype) in built and ("_fastflow_anomaly_map_fwd_kernel", dtype) in built
     assert all("registers" in r and "stack" in r and "local" in r for r in report["rows"]), "cuobjdump gave no resource usage"
 
 

@@ -1,5 +1,12 @@
 // Likelihood and anomaly-map ops: CUDA kernels (schemas and CPU kernels in csrc/head.cpp).
 // half/bfloat16/float32 inputs accumulate in float32, float64 inputs in float64.
+//
+// FastFlow map: one block per image converts each scale's maps to the acc type and takes
+// P = exp(L + log_offset) on the low-res grid (counting NaNs); one thread per output pixel then
+// walks every scale (up to kMaxFastflowScales, passed by value) for the map -mean_k Up(P_k)
+// (align_corners=False) and, for the log-space score, the exact logsumexp of log w + L over the
+// scales' taps (max over taps of nonzero weight, then sum of w exp(L - max)); per-block maxima and
+// NaN counts, reduced per image by one block (deterministic: maxima, integer counts).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
 #include <vector>
@@ -24,6 +32,7 @@ void check_log_likelihood_map(const at::Tensor& z);
 void check_log_likelihood_map_bwd(const at::Tensor& grad, const at::Tensor& z);
 void check_head_maps(at::TensorList maps, at::IntArrayRef output_size, double top_k);
 int64_t head_top_k_count(int64_t num_pixels, double top_k);
+void check_fastflow_maps(at::TensorList maps, at::IntArrayRef output_size, double log_offset);
 
 namespace {
 
@@ -296,6 +305,145 @@ __global__ void __launch_bounds__(kSelectThreads) top_k_mean_kernel(const in_t* 
   }
 }
 
+// ------------------------------------------------------------------------------------ FastFlow map
+
+constexpr int kMaxFastflowScales = 32;
+
+struct FastflowScales {
+  int64_t offset[kMaxFastflowScales];  // first value of scale k in an image's [T] buffers
+  int64_t h[kMaxFastflowScales];
+  int64_t w[kMaxFastflowScales];
+  double scale_y[kMaxFastflowScales];  // h / H and w / W, in double
+  double scale_x[kMaxFastflowScales];
+  int count;
+};
+
+// logp_acc[b, offset:offset+n] = L[b] in acc_t, prob[...] = exp(L[b] + log_offset); nans[b] = NaN count
+template <typename scalar_t, typename acc_t>
+__global__ void fastflow_exp_kernel(const scalar_t* __restrict__ logp, acc_t* __restrict__ logp_acc,
+                                    acc_t* __restrict__ prob, int* __restrict__ nans, int64_t n, int64_t T,
+                                    int64_t offset, acc_t log_offset) {
+  const int64_t b = blockIdx.x;
+  int count = 0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const acc_t v = static_cast<acc_t>(logp[b * n + i]);
+    logp_acc[b * T + offset + i] = v;
+    prob[b * T + offset + i] = exp(v + log_offset);
+    count += v != v ? 1 : 0;
+  }
+  count = block_reduce_sum(count);
+  if (threadIdx.x == 0) nans[b] = count;
+}
+
+// align_corners=False source taps of output index o, in double with the rounding of
+// reference.bilinear_taps (src = max(0, (o + 0.5) * scale - 0.5), no FMA), so a weight is exactly
+// zero where the reference's is; the identity when in == out. Weights in acc_t.
+template <typename acc_t>
+__device__ __forceinline__ void half_pixel_taps(int64_t o, int64_t in_size, int64_t out_size, double scale,
+                                                int64_t& i0, int64_t& i1, acc_t& w0, acc_t& w1) {
+  if (in_size == out_size) {
+    i0 = i1 = o;
+    w0 = acc_t(1);
+    w1 = acc_t(0);
+    return;
+  }
+  const double src = fmax(__dsub_rn(__dmul_rn(static_cast<double>(o) + 0.5, scale), 0.5), 0.0);
+  i0 = min(static_cast<int64_t>(src), in_size - 1);
+  const double lambda = src - static_cast<double>(i0);
+  i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
+  w0 = static_cast<acc_t>(1.0 - lambda);
+  w1 = static_cast<acc_t>(lambda);
+}
+
+// map = -mean_k Up(P_k); nats = -(logsumexp_{k, taps}(log w + L_k) + nats_shift), nats_shift = log_offset - log K;
+// block_max[b, block] = (max map, max nats, NaN count)
+template <typename scalar_t, typename acc_t>
+__global__ void fastflow_anomaly_map_fwd_kernel(const acc_t* __restrict__ logp, const acc_t* __restrict__ prob,
+                                                FastflowScales scales, int64_t T, int64_t H, int64_t W,
+                                                scalar_t* __restrict__ map_out, acc_t* __restrict__ block_max,
+                                                bool log_space, acc_t nats_shift) {
+  const int64_t b = blockIdx.y, N = H * W;
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  acc_t map_value = -INFINITY, nats = -INFINITY;
+  int nans = 0;
+  if (n < N) {
+    const int64_t oy = n / W, ox = n % W;
+    const acc_t* lb = logp + b * T;
+    const acc_t* pb = prob + b * T;
+    acc_t sum = 0, top = -INFINITY;
+    for (int k = 0; k < scales.count; ++k) {
+      int64_t y0, y1, x0, x1;
+      acc_t hy0, hy1, wx0, wx1;
+      half_pixel_taps(oy, scales.h[k], H, scales.scale_y[k], y0, y1, hy0, hy1);
+      half_pixel_taps(ox, scales.w[k], W, scales.scale_x[k], x0, x1, wx0, wx1);
+      const int64_t base = scales.offset[k], w = scales.w[k];
+      const int64_t i00 = base + y0 * w + x0, i01 = base + y0 * w + x1, i10 = base + y1 * w + x0, i11 = base + y1 * w + x1;
+      sum += hy0 * (wx0 * pb[i00] + wx1 * pb[i01]) + hy1 * (wx0 * pb[i10] + wx1 * pb[i11]);
+      if (log_space) {
+        if (hy0 * wx0 > acc_t(0)) top = max(top, lb[i00]);
+        if (hy0 * wx1 > acc_t(0)) top = max(top, lb[i01]);
+        if (hy1 * wx0 > acc_t(0)) top = max(top, lb[i10]);
+        if (hy1 * wx1 > acc_t(0)) top = max(top, lb[i11]);
+      }
+    }
+    map_value = -sum / static_cast<acc_t>(scales.count);
+    map_out[b * N + n] = static_cast<scalar_t>(map_value);
+    nans += map_value != map_value ? 1 : 0;
+    if (log_space) {
+      const bool finite = isfinite(top);
+      const acc_t shift = finite ? top : acc_t(0);
+      acc_t total = 0;
+      for (int k = 0; k < scales.count; ++k) {
+        int64_t y0, y1, x0, x1;
+        acc_t hy0, hy1, wx0, wx1;
+        half_pixel_taps(oy, scales.h[k], H, scales.scale_y[k], y0, y1, hy0, hy1);
+        half_pixel_taps(ox, scales.w[k], W, scales.scale_x[k], x0, x1, wx0, wx1);
+        const int64_t base = scales.offset[k], w = scales.w[k];
+        const acc_t q[4] = {hy0 * wx0, hy0 * wx1, hy1 * wx0, hy1 * wx1};
+        const int64_t idx[4] = {base + y0 * w + x0, base + y0 * w + x1, base + y1 * w + x0, base + y1 * w + x1};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          if (q[j] > acc_t(0)) total += q[j] * exp(lb[idx[j]] - shift);
+        }
+      }
+      nats = -((finite ? top + log(total) : top) + nats_shift);
+      nans += nats != nats ? 1 : 0;
+    }
+  }
+  map_value = block_reduce_max(map_value);
+  nats = block_reduce_max(nats);
+  nans = block_reduce_sum(nans);
+  if (threadIdx.x == 0) {
+    acc_t* slot = block_max + (b * gridDim.x + blockIdx.x) * 3;
+    slot[0] = map_value;
+    slot[1] = nats;
+    slot[2] = static_cast<acc_t>(nans);
+  }
+}
+
+// score[b] = max map, score_log[b] = max nats; NaN where the image's maps or map hold a NaN
+template <typename scalar_t, typename acc_t>
+__global__ void fastflow_scores_kernel(const acc_t* __restrict__ block_max, const int* __restrict__ input_nans,
+                                       int64_t blocks, int64_t B, int scale_count, scalar_t* __restrict__ score,
+                                       scalar_t* __restrict__ score_log) {
+  const int64_t b = blockIdx.x;
+  acc_t map_max = -INFINITY, nats_max = -INFINITY, nans = 0;
+  for (int64_t i = threadIdx.x; i < blocks; i += blockDim.x) {
+    const acc_t* slot = block_max + (b * blocks + i) * 3;
+    map_max = max(map_max, slot[0]);
+    nats_max = max(nats_max, slot[1]);
+    nans += slot[2];
+  }
+  map_max = block_reduce_max(map_max);
+  nats_max = block_reduce_max(nats_max);
+  nans = block_reduce_sum(nans);
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < scale_count; ++k) nans += static_cast<acc_t>(input_nans[k * B + b]);
+    score[b] = static_cast<scalar_t>(nans > acc_t(0) ? acc_t(NAN) : map_max);
+    if (score_log != nullptr) score_log[b] = static_cast<scalar_t>(nans > acc_t(0) ? acc_t(NAN) : nats_max);
+  }
+}
+
 // Fills sum_log (and sum_prob) [B, H*W] and image_max [B, 2] from the per-scale maps.
 template <typename scalar_t, typename acc_t>
 void upsampled_sums(at::TensorList maps, int64_t H, int64_t W, bool with_prob, at::Tensor& sum_log,
@@ -487,6 +635,60 @@ at::Tensor log_space_score_fwd_cuda(at::TensorList maps, at::IntArrayRef output_
   return score;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fastflow_anomaly_map_fwd_cuda(at::TensorList maps,
+                                                                              at::IntArrayRef output_size,
+                                                                              bool log_space_score, double log_offset) {
+  check_fastflow_maps(maps, output_size, log_offset);
+  check_batch_fits_grid(maps[0].size(0));
+  TORCH_CHECK(static_cast<int64_t>(maps.size()) <= kMaxFastflowScales, "msflow_fast: the CUDA FastFlow map supports at most ",
+              kMaxFastflowScales, " scales per call, got ", maps.size());
+  const c10::cuda::CUDAGuard guard(maps[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int64_t B = maps[0].size(0), H = output_size[0], W = output_size[1], N = H * W;
+  const int K = static_cast<int>(maps.size());
+  const auto options = maps[0].options();
+  at::Tensor anomaly_map = new_output({B, H, W}, options);
+  at::Tensor score = new_output({B}, options);
+  at::Tensor score_log = new_output({log_space_score ? B : 0}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, maps[0].scalar_type(), "fastflow_anomaly_map_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_options = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
+    FastflowScales scales{};
+    scales.count = K;
+    int64_t T = 0;
+    for (int k = 0; k < K; ++k) {
+      scales.offset[k] = T;
+      scales.h[k] = maps[k].size(1);
+      scales.w[k] = maps[k].size(2);
+      scales.scale_y[k] = static_cast<double>(scales.h[k]) / static_cast<double>(H);
+      scales.scale_x[k] = static_cast<double>(scales.w[k]) / static_cast<double>(W);
+      T += scales.h[k] * scales.w[k];
+    }
+    at::Tensor logp = at::empty({B, T}, acc_options);
+    at::Tensor prob = at::empty({B, T}, acc_options);
+    at::Tensor input_nans = at::empty({K, B}, options.dtype(at::kInt));
+    for (int k = 0; k < K; ++k) {
+      const at::Tensor m = maps[k].contiguous();
+      fastflow_exp_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(
+          m.data_ptr<scalar_t>(), logp.data_ptr<acc_t>(), prob.data_ptr<acc_t>(), input_nans.data_ptr<int>() + k * B,
+          scales.h[k] * scales.w[k], T, scales.offset[k], static_cast<acc_t>(log_offset));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t blocks = ceil_div(N, kThreads);
+    at::Tensor block_max = at::empty({B, blocks, 3}, acc_options);
+    const acc_t nats_shift = static_cast<acc_t>(log_offset - std::log(static_cast<double>(K)));
+    fastflow_anomaly_map_fwd_kernel<scalar_t, acc_t><<<dim3(blocks, B), kThreads, 0, stream>>>(
+        logp.data_ptr<acc_t>(), prob.data_ptr<acc_t>(), scales, T, H, W, anomaly_map.data_ptr<scalar_t>(),
+        block_max.data_ptr<acc_t>(), log_space_score, nats_shift);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    fastflow_scores_kernel<scalar_t, acc_t><<<B, kThreads, 0, stream>>>(
+        block_max.data_ptr<acc_t>(), input_nans.data_ptr<int>(), blocks, B, K, score.data_ptr<scalar_t>(),
+        log_space_score ? score_log.data_ptr<scalar_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {anomaly_map, score, score_log};
+}
+
 }  // namespace msflow_fast
 
 TORCH_LIBRARY_IMPL(msflow_fast, CUDA, m) {
@@ -496,4 +698,5 @@ TORCH_LIBRARY_IMPL(msflow_fast, CUDA, m) {
   m.impl("log_likelihood_map_bwd", &msflow_fast::log_likelihood_map_bwd_cuda);
   m.impl("aggregate_anomaly_maps_fwd", &msflow_fast::aggregate_anomaly_maps_fwd_cuda);
   m.impl("log_space_score_fwd", &msflow_fast::log_space_score_fwd_cuda);
+  m.impl("fastflow_anomaly_map_fwd", &msflow_fast::fastflow_anomaly_map_fwd_cuda);
 }

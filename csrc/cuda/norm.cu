@@ -1,10 +1,19 @@
-// Subnet ops: CUDA kernels of the fused channel LayerNorm + ReLU (schemas, argument checks and
-// CPU kernels in csrc/norm.cpp). half/bfloat16/float32 compute in float32, float64 in float64.
+// Norm ops: CUDA kernels of the fused channel LayerNorm + ReLU and of the per-sample LayerNorm
+// (schemas, argument checks and CPU kernels in csrc/norm.cpp). half/bfloat16/float32 compute in
+// float32, float64 in float64.
 //
-// Forward and grad_x: one thread per pixel (b, n) walks the channels; consecutive threads own
-// consecutive pixels, so every channel row is read coalesced (the rows of a block stay in L1/L2
-// across the passes). Parameter gradients: one block per (channel, pixel split) reduces over its
-// pixels into a partial sum, and the splits are summed afterwards (deterministic, no atomics).
+// Channel LayerNorm + ReLU. Forward and grad_x: one thread per pixel (b, n) walks the channels;
+// consecutive threads own consecutive pixels, so every channel row is read coalesced (the rows of a
+// block stay in L1/L2 across the passes). Parameter gradients: one block per (channel, pixel split)
+// reduces over its pixels into a partial sum, and the splits are summed afterwards (deterministic,
+// no atomics).
+//
+// Per-sample LayerNorm over N = numel / B values. Statistics: one block per (chunk of
+// kSampleChunk values, sample) computes the chunk's two-pass mean and M2 (the chunk stays in L1/L2
+// between the passes); one thread per sample merges its chunks in a fixed order in double; then a
+// grid-stride element-wise pass normalises. Backward: the same split for the per-sample sums of
+// gx = grad * weight and gx * xhat, merged per sample; then one thread per column n walks the
+// batch, writing grad_x and summing grad_weight[n], grad_bias[n] over b in order. No atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,6 +37,10 @@ void check_layer_norm_relu(const at::Tensor& x, const at::Tensor& weight, const 
 void check_layer_norm_relu_bwd(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
                                const at::Tensor& bias, const c10::optional<at::Tensor>& addend,
                                const at::Tensor& mean, const at::Tensor& rstd);
+void check_sample_layer_norm(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, double eps);
+void check_sample_layer_norm_bwd(const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                 const at::Tensor& mean, const at::Tensor& rstd);
 
 namespace {
 
@@ -136,6 +149,149 @@ __global__ void layer_norm_relu_bwd_params_kernel(const scalar_t* __restrict__ g
   }
 }
 
+// ------------------------------------------------------------------------------ per-sample norm
+
+constexpr int64_t kSampleChunk = 2048;     // values per block of the split reductions (8 per thread)
+constexpr int64_t kMaxSampleSplits = 65535;  // gridDim.x cap of the split kernels
+
+// partial[b, s] = (mean, M2) of the values [s * chunk, min(N, (s + 1) * chunk)) of sample b (two-pass)
+template <typename scalar_t, typename acc_t>
+__global__ void sample_layer_norm_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partial, int64_t N,
+                                               int64_t chunk) {
+  const int64_t b = blockIdx.y, s = blockIdx.x, splits = gridDim.x;
+  const int64_t lo = s * chunk, hi = min(N, lo + chunk);
+  const scalar_t* row = x + b * N;
+  __shared__ acc_t shared_mean;
+  acc_t sum = 0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) sum += static_cast<acc_t>(row[i]);
+  sum = block_reduce_sum(sum);
+  if (threadIdx.x == 0) shared_mean = sum / static_cast<acc_t>(hi - lo);
+  __syncthreads();
+  const acc_t mean = shared_mean;
+  acc_t m2 = 0;
+  for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
+    const acc_t d = static_cast<acc_t>(row[i]) - mean;
+    m2 += d * d;
+  }
+  m2 = block_reduce_sum(m2);
+  if (threadIdx.x == 0) {
+    partial[(b * splits + s) * 2] = mean;
+    partial[(b * splits + s) * 2 + 1] = m2;
+  }
+}
+
+// mean[b], rstd[b] from the chunk moments of sample b (merged in order, in double)
+template <typename acc_t>
+__global__ void sample_layer_norm_merge_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ mean_out,
+                                               acc_t* __restrict__ rstd_out, int64_t B, int64_t N, int64_t splits,
+                                               int64_t chunk, double eps) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const acc_t* p = partial + b * splits * 2;
+  double sum = 0.0;
+  for (int64_t s = 0; s < splits; ++s) sum += static_cast<double>(min(chunk, N - s * chunk)) * static_cast<double>(p[2 * s]);
+  const double mean = sum / static_cast<double>(N);
+  double m2 = 0.0;
+  for (int64_t s = 0; s < splits; ++s) {
+    const double d = static_cast<double>(p[2 * s]) - mean;
+    m2 += static_cast<double>(p[2 * s + 1]) + static_cast<double>(min(chunk, N - s * chunk)) * d * d;
+  }
+  mean_out[b] = static_cast<acc_t>(mean);
+  rstd_out[b] = static_cast<acc_t>(1.0 / sqrt(m2 / static_cast<double>(N) + eps));
+}
+
+// out = (x - mean[b]) * rstd[b] * weight[n] + bias[n] (no affine: weight == nullptr)
+template <typename scalar_t, typename acc_t>
+__global__ void sample_layer_norm_fwd_kernel(const scalar_t* __restrict__ x, const acc_t* __restrict__ weight,
+                                             const acc_t* __restrict__ bias, const acc_t* __restrict__ mean,
+                                             const acc_t* __restrict__ rstd, scalar_t* __restrict__ out, int64_t N,
+                                             int64_t total) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / N, n = i - b * N;
+    acc_t y = (static_cast<acc_t>(x[i]) - mean[b]) * rstd[b];
+    if (weight != nullptr) y = y * weight[n] + bias[n];
+    out[i] = static_cast<scalar_t>(y);
+  }
+}
+
+// partial[b, s] = (sum gx, sum gx * xhat) over chunk s of sample b; gx = grad * weight (or grad)
+template <typename scalar_t, typename acc_t>
+__global__ void sample_layer_norm_bwd_stats_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                                   const acc_t* __restrict__ weight, const acc_t* __restrict__ mean,
+                                                   const acc_t* __restrict__ rstd, acc_t* __restrict__ partial,
+                                                   int64_t N, int64_t chunk) {
+  const int64_t b = blockIdx.y, s = blockIdx.x, splits = gridDim.x;
+  const int64_t lo = s * chunk, hi = min(N, lo + chunk);
+  const acc_t m = mean[b], r = rstd[b];
+  acc_t s1 = 0, s2 = 0;
+  for (int64_t n = lo + threadIdx.x; n < hi; n += blockDim.x) {
+    const int64_t i = b * N + n;
+    const acc_t xh = (static_cast<acc_t>(x[i]) - m) * r;
+    acc_t gx = static_cast<acc_t>(grad[i]);
+    if (weight != nullptr) gx *= weight[n];
+    s1 += gx;
+    s2 += gx * xh;
+  }
+  s1 = block_reduce_sum(s1);
+  s2 = block_reduce_sum(s2);
+  if (threadIdx.x == 0) {
+    partial[(b * splits + s) * 2] = s1;
+    partial[(b * splits + s) * 2 + 1] = s2;
+  }
+}
+
+// means[b] = (mean_N gx, mean_N gx * xhat) from the chunk sums of sample b (in order, in double)
+template <typename acc_t>
+__global__ void sample_layer_norm_bwd_merge_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ means,
+                                                   int64_t B, int64_t N, int64_t splits) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t s = 0; s < splits; ++s) {
+    s1 += static_cast<double>(partial[(b * splits + s) * 2]);
+    s2 += static_cast<double>(partial[(b * splits + s) * 2 + 1]);
+  }
+  means[2 * b] = static_cast<acc_t>(s1 / static_cast<double>(N));
+  means[2 * b + 1] = static_cast<acc_t>(s2 / static_cast<double>(N));
+}
+
+// grad_x = rstd * (gx - mean gx - xhat * mean(gx * xhat)); grad_weight[n] = sum_b grad * xhat, grad_bias[n] = sum_b grad
+template <typename scalar_t, typename acc_t>
+__global__ void sample_layer_norm_bwd_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                             const acc_t* __restrict__ weight, const acc_t* __restrict__ mean,
+                                             const acc_t* __restrict__ rstd, const acc_t* __restrict__ means,
+                                             scalar_t* __restrict__ grad_x, acc_t* __restrict__ grad_weight,
+                                             acc_t* __restrict__ grad_bias, int64_t B, int64_t N) {
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N;
+       n += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t w = weight != nullptr ? weight[n] : acc_t(1);
+    acc_t dw = 0, db = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t i = b * N + n;
+      const acc_t r = rstd[b];
+      const acc_t xh = (static_cast<acc_t>(x[i]) - mean[b]) * r;
+      const acc_t g = static_cast<acc_t>(grad[i]);
+      grad_x[i] = static_cast<scalar_t>(r * (g * w - means[2 * b] - xh * means[2 * b + 1]));
+      dw += g * xh;
+      db += g;
+    }
+    if (grad_weight != nullptr) {
+      grad_weight[n] = dw;
+      grad_bias[n] = db;
+    }
+  }
+}
+
+// Splits and chunk length of the per-sample reductions (every split non-empty).
+void sample_splits(int64_t N, int64_t& splits, int64_t& chunk) {
+  splits = std::min(ceil_div(N, kSampleChunk), kMaxSampleSplits);
+  chunk = ceil_div(N, splits);
+  splits = ceil_div(N, chunk);
+}
+
+int sample_grid(int64_t total) { return static_cast<int>(std::min<int64_t>(ceil_div(total, kThreads), 65535 * 8)); }
+
 int64_t addend_batch_stride(const at::Tensor& x, const c10::optional<at::Tensor>& addend) {
   return addend.has_value() && addend->size(0) == x.size(0) ? x.size(1) * x.size(2) * x.size(3) : 0;
 }
@@ -205,9 +361,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_layer_norm_relu_bwd_cuda(
   return {grad_x, sums[0].contiguous(), sums[1].contiguous()};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_layer_norm_fwd_cuda(const at::Tensor& x,
+                                                                           const c10::optional<at::Tensor>& weight,
+                                                                           const c10::optional<at::Tensor>& bias,
+                                                                           double eps) {
+  check_sample_layer_norm(x, weight, bias, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), N = x.numel() / B;
+  TORCH_CHECK(B <= 65535, "msflow_fast: the CUDA sample_layer_norm supports at most 65535 samples per call, got ", B);
+  const auto acc = acc_dtype(x.scalar_type());
+  at::Tensor w = weight.has_value() ? weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor b = bias.has_value() ? bias->to(acc).contiguous() : at::Tensor();
+  at::Tensor out = new_output(x.sizes(), x.options());
+  at::Tensor mean = new_output({B}, x.options().dtype(acc));
+  at::Tensor rstd = new_output({B}, x.options().dtype(acc));
+  int64_t splits = 1, chunk = 1;
+  sample_splits(N, splits, chunk);
+  at::Tensor partial = at::empty({B, splits, 2}, x.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_layer_norm_fwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    sample_layer_norm_stats_kernel<scalar_t, acc_t><<<dim3(splits, B), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), N, chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sample_layer_norm_merge_kernel<acc_t><<<ceil_div(B, 64), 64, 0, stream>>>(
+        partial.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), B, N, splits, chunk, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sample_layer_norm_fwd_kernel<scalar_t, acc_t><<<sample_grid(B * N), kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<acc_t>() : nullptr, b.defined() ? b.data_ptr<acc_t>() : nullptr,
+        mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), N, B * N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_layer_norm_bwd_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                                           const c10::optional<at::Tensor>& weight,
+                                                                           const at::Tensor& mean,
+                                                                           const at::Tensor& rstd) {
+  check_sample_layer_norm_bwd(grad, x, weight, mean, rstd);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t B = x.size(0), N = x.numel() / B;
+  TORCH_CHECK(B <= 65535, "msflow_fast: the CUDA sample_layer_norm supports at most 65535 samples per call, got ", B);
+  const auto acc = acc_dtype(x.scalar_type());
+  const bool affine = weight.has_value();
+  at::Tensor w = affine ? weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor m = mean.contiguous(), r = rstd.contiguous();
+  at::Tensor grad_x = new_output(x.sizes(), x.options());
+  at::Tensor grad_weight = affine ? new_output(x.sizes().slice(1), x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  at::Tensor grad_bias = affine ? new_output(x.sizes().slice(1), x.options().dtype(acc)) : at::empty({0}, x.options().dtype(acc));
+  int64_t splits = 1, chunk = 1;
+  sample_splits(N, splits, chunk);
+  at::Tensor partial = at::empty({B, splits, 2}, x.options().dtype(acc));
+  at::Tensor means = at::empty({B, 2}, x.options().dtype(acc));
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sample_layer_norm_bwd_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* wp = affine ? w.data_ptr<acc_t>() : nullptr;
+    sample_layer_norm_bwd_stats_kernel<scalar_t, acc_t><<<dim3(splits, B), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), wp, m.data_ptr<acc_t>(), r.data_ptr<acc_t>(),
+        partial.data_ptr<acc_t>(), N, chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sample_layer_norm_bwd_merge_kernel<acc_t><<<ceil_div(B, 64), 64, 0, stream>>>(
+        partial.data_ptr<acc_t>(), means.data_ptr<acc_t>(), B, N, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    sample_layer_norm_bwd_kernel<scalar_t, acc_t><<<sample_grid(N), kThreads, 0, stream>>>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), wp, m.data_ptr<acc_t>(), r.data_ptr<acc_t>(),
+        means.data_ptr<acc_t>(), grad_x.data_ptr<scalar_t>(), affine ? grad_weight.data_ptr<acc_t>() : nullptr,
+        affine ? grad_bias.data_ptr<acc_t>() : nullptr, B, N);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_x, grad_weight, grad_bias};
+}
+
 }  // namespace msflow_fast
 
 TORCH_LIBRARY_IMPL(msflow_fast, CUDA, m) {
   m.impl("channel_layer_norm_relu_fwd", &msflow_fast::channel_layer_norm_relu_fwd_cuda);
   m.impl("channel_layer_norm_relu_bwd", &msflow_fast::channel_layer_norm_relu_bwd_cuda);
+  m.impl("sample_layer_norm_fwd", &msflow_fast::sample_layer_norm_fwd_cuda);
+  m.impl("sample_layer_norm_bwd", &msflow_fast::sample_layer_norm_bwd_cuda);
 }

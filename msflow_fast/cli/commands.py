@@ -152,6 +152,28 @@ def _add_model_choice(p: argparse.ArgumentParser, model: str) -> Any:
     return _model_class(model)
 
 
+def _add_preset(p: argparse.ArgumentParser, cls: type) -> None:
+    if cls.presets:
+        p.add_argument(
+            "--preset", choices=sorted(cls.presets), default=None,
+            help=f"a published {cls.name} setting (config flags given as well override it): "
+            + "; ".join(f"{name}: " + ", ".join(f"{k}={_show_value(v)}" for k, v in fields.items()) for name, fields in cls.presets.items()),
+        )
+
+
+def _show_value(value: Any) -> str:
+    return "x".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _model_config(args: argparse.Namespace, cls: type, defaults: dict[str, Any] | None = None) -> Any:
+    """The config of ``cls``: ``defaults``, then the ``--preset``, then the config flags given."""
+    base = dict(defaults or {})
+    preset = getattr(args, "preset", None)
+    if preset is not None:
+        base.update(cls.presets[preset])
+    return config_from_args(args, cls.config_class, **base)
+
+
 def _add_recipe_flags(p: argparse.ArgumentParser, cls: type, defaults: dict[str, Any] | None = None) -> None:
     """Training flags; unset ones keep the model's recipe (first stage shown)."""
     stage = cls.recipe_for(cls.config_class()).stages[0]
@@ -187,6 +209,7 @@ def _add_train(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--checkpoint", default=None, help="resume from this checkpoint instead of <out>/last.pt")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
     p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
+    _add_preset(p, cls)
     add_config_arguments(p, cls.config_class)
 
 
@@ -265,7 +288,7 @@ def _train(args: argparse.Namespace) -> int:
     from msflow_fast.engine.run_folder import RunLock
 
     out = Path(args.out) if args.out else Path("runs") / (args.category or Path(args.data).name)
-    config = config_from_args(args, _model_class(args.model).config_class)
+    config = _model_config(args, _model_class(args.model))
     _device(args.device)  # a bad --device or config fails before anything is built or written
     import torch
 
@@ -389,6 +412,7 @@ def _add_demo(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the weights (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_preset(p, cls)
     add_config_arguments(p, cls.config_class, dict(cls.demo_config))
 
 
@@ -397,7 +421,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     cls = _model_class(args.model)
-    config = config_from_args(args, cls.config_class, **dict(cls.demo_config))
+    config = _model_config(args, cls, dict(cls.demo_config))
     device = _device(args.device)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="msflow_demo_"))
     height, width = config.input_size

@@ -7,6 +7,7 @@
 - :mod:`.export`: ``torch.export`` / ONNX of any model's ``predict``.
 - :mod:`.extractor`, :mod:`.positional`: the frozen feature extractor and the 2-D positional encoding.
 - :mod:`.msflow`: MSFlow (TNNLS 2024).
+- :mod:`.fastflow`: FastFlow (Yu et al. 2021), as anomalib 2.7 computes it.
 
 Importing this package registers every model in it.
 """
@@ -21,12 +22,15 @@ from .extractor import FeatureExtractor, use_reflect_padding
 from .positional import PositionalEncoding2d, positional_encoding_2d
 from .registry import available, create, get, register
 
-from . import msflow  # noqa: E402  (registers "msflow")
+from . import fastflow, msflow  # noqa: E402  (registers "fastflow", "msflow")
+from .fastflow import FastFlow, FastFlowConfig  # noqa: E402
 from .msflow import MSFlow, MSFlowConfig  # noqa: E402
 
 __all__ = [
     "METRICS",
     "AnomalyModel",
+    "FastFlow",
+    "FastFlowConfig",
     "FeatureExtractor",
     "LRSchedule",
     "MSFlow",
@@ -43,6 +47,7 @@ __all__ = [
     "create",
     "export_onnx",
     "export_predict",
+    "fastflow",
     "get",
     "load_model",
     "load_weights",

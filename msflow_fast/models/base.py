@@ -279,7 +279,7 @@ class AnomalyModel(nn.Module):
     Subclasses set :attr:`config_class`, are registered with
     :func:`msflow_fast.models.registry.register` (which sets :attr:`name`, :attr:`summary` and
     :attr:`interpretation`), take ``(config=None, backbone=None, **overrides)`` and implement
-    :meth:`loss`, :meth:`predict` and :meth:`recipe_for`.
+    :meth:`loss`, :meth:`predict` and :attr:`default_recipe` (or :meth:`recipe_for`).
 
     Attributes:
         config: the model's frozen config (an instance of :attr:`config_class`).
@@ -295,8 +295,12 @@ class AnomalyModel(nn.Module):
     metric_maps: ClassVar[Mapping[str, str]] = {}
     """Metric (one of :data:`METRICS`) -> the name of the :class:`Prediction` map that feeds it;
     a metric not listed uses ``anomaly_map``."""
+    default_recipe: ClassVar[TrainRecipe | None] = None
+    """The recipe of every config (see :meth:`recipe_for`)."""
     fixed_on_load: ClassVar[tuple[str, ...]] = ()
     """Config fields that decide stored weights and so cannot be overridden when loading."""
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    """Named config settings (e.g. the published backbones), ``--preset NAME`` on the command line."""
     demo_config: ClassVar[Mapping[str, Any]] = {}
     """Config fields of ``msflow-fast demo``: a small model that trains in minutes on a CPU, no download."""
     demo_training: ClassVar[Mapping[str, Any]] = {}
@@ -317,6 +321,17 @@ class AnomalyModel(nn.Module):
         elif not isinstance(config, cls.config_class):
             raise TypeError(f"config must be a {cls.config_class.__name__}, got {type(config).__name__}")
         return config.replace(**overrides) if overrides else config
+
+    @staticmethod
+    def backbone_module(backbone: Any, overrides: dict[str, Any]) -> nn.Module | None:
+        """The ``backbone`` argument of a model: a timm name goes into ``overrides["backbone"]``
+        (so it reaches the config) and ``None`` is returned; a module is returned as it is."""
+        if isinstance(backbone, str):
+            overrides["backbone"] = backbone
+            return None
+        if backbone is not None and not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+        return backbone
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -413,8 +428,11 @@ class AnomalyModel(nn.Module):
 
     @classmethod
     def recipe_for(cls, config: Any) -> TrainRecipe:
-        """The training defaults of a model with ``config`` (the authors' recipe where it is known)."""
-        raise NotImplementedError(f"{cls.__name__} does not implement recipe_for(config)")
+        """The training defaults of a model with ``config`` (the authors' recipe where it is known):
+        :attr:`default_recipe`, unless a model's recipe depends on its config."""
+        if cls.default_recipe is None:
+            raise NotImplementedError(f"{cls.__name__} sets no default_recipe and does not implement recipe_for(config)")
+        return cls.default_recipe
 
     def recipe(self) -> TrainRecipe:
         """The training defaults of this model: ``recipe_for(self.config)``."""

@@ -26,9 +26,12 @@ def use_reflect_padding(module: nn.Module) -> int:
     return changed
 
 
-def _create_timm(timm, name: str, out_indices: tuple[int, ...], pretrained: bool) -> nn.Module:
-    """``timm.create_model(name, features_only=True, ...)`` with errors that say what to do."""
+def _create_timm(timm, name: str, out_indices: tuple[int, ...], pretrained: bool, **options) -> nn.Module:
+    """``timm.create_model(name, features_only=True, ...)`` (or ``**options`` for a whole model) with
+    errors that say what to do."""
     try:
+        if options:
+            return timm.create_model(name, pretrained=pretrained, **options)
         return timm.create_model(name, features_only=True, out_indices=out_indices, pretrained=pretrained)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
@@ -70,6 +73,48 @@ def _as_feature_list(out: object) -> list[torch.Tensor]:
     return list(out)
 
 
+class ViTTokenMaps(nn.Module):
+    """The patch tokens of a timm vision transformer after block ``block`` (0-based), through its final
+    norm, as one map ``[B, C, H / p, W / p]`` (FastFlow's DeiT and CaiT features).
+
+    For a ViT/DeiT: patch embedding, class (and distillation) tokens and positions (timm's
+    ``_pos_embed``), ``blocks[0..block]``, ``norm``, the prefix tokens dropped. For a CaiT (no
+    prefix tokens in its self-attention stage): patch embedding plus positions, ``blocks[0..block]``,
+    ``norm``. The state dict is the timm model's under ``model.``.
+    """
+
+    def __init__(self, model: nn.Module, block: int) -> None:
+        super().__init__()
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not hasattr(model, "patch_embed") or not hasattr(model, "norm"):
+            raise ValueError(f"{type(model).__name__} is not a timm vision transformer (needs patch_embed, blocks, norm)")
+        if not 0 <= block < len(blocks):
+            raise ValueError(f"block {block} is outside the {len(blocks)} blocks of {type(model).__name__}")
+        self.model, self.block = model, int(block)
+        self.patch = int(model.patch_embed.patch_size[0])
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        m = self.model
+        tokens = m.patch_embed(images)
+        if hasattr(m, "_pos_embed"):  # ViT / DeiT: prefix tokens and positions as timm adds them
+            tokens = m._pos_embed(tokens)
+            prefix = int(getattr(m, "num_prefix_tokens", 1))
+        else:  # CaiT: positions only
+            tokens = m.pos_drop(tokens + m.pos_embed)
+            prefix = 0
+        for blk in m.blocks[: self.block + 1]:
+            tokens = blk(tokens)
+        tokens = m.norm(tokens)[:, prefix:]
+        b, n, c = tokens.shape
+        h, w = images.shape[-2] // self.patch, images.shape[-1] // self.patch
+        if h * w != n:
+            raise ValueError(f"{n} patch tokens do not tile a {h}x{w} grid for images {tuple(images.shape[-2:])}")
+        return [tokens.transpose(1, 2).reshape(b, c, h, w)]
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}, patch={self.patch}"
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning a list of feature maps; always in eval mode, run under ``no_grad``.
 
@@ -82,6 +127,8 @@ class FeatureExtractor(nn.Module):
         in_channels: image channels (3).
         input_size: ``(H, W)`` the model will see; the dry forward that finds channels and strides
             runs at 128 px, or at this size if the backbone needs it (ViTs).
+        vit_block: for a timm vision-transformer name: the token maps after this block
+            (:class:`ViTTokenMaps`; FastFlow: 7 for DeiT, 40 for CaiT), built for ``input_size``.
 
     Attributes:
         channels: ``C_k`` per output map, inferred with one dry forward.
@@ -102,6 +149,7 @@ class FeatureExtractor(nn.Module):
         reflect_padding: bool = False,
         in_channels: int = 3,
         input_size: Sequence[int] | None = None,
+        vit_block: int | None = None,
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
@@ -112,7 +160,11 @@ class FeatureExtractor(nn.Module):
             name = _OFFICIAL_WEIGHTS.get(backbone, backbone) if pretrained else backbone
             self.name = name
             self.source = "pretrained" if pretrained else "random"
-            self.backbone = _create_timm(timm, name, tuple(out_indices), pretrained)
+            if vit_block is None:
+                self.backbone = _create_timm(timm, name, tuple(out_indices), pretrained)
+            else:
+                options = {"img_size": tuple(int(v) for v in input_size)} if input_size is not None else {"num_classes": 0}
+                self.backbone = ViTTokenMaps(_create_timm(timm, name, (), pretrained, **options), vit_block)
         elif isinstance(backbone, nn.Module):
             self.name = type(backbone).__name__
             self.source = "module"
@@ -124,26 +176,29 @@ class FeatureExtractor(nn.Module):
         self.in_channels = int(in_channels)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        maps, size = self._probe(input_size)
+        maps, size = self._probe(input_size, vit=vit_block is not None)
         self.channels = [int(m.shape[1]) for m in maps]
         self.strides = [max(1, round(size / m.shape[-1])) for m in maps]
 
-    def _probe(self, input_size: Sequence[int] | None) -> tuple[list[torch.Tensor], int]:
-        """One dry forward (at 128 px, else at ``input_size``: a ViT wants its own size): the maps and the size."""
+    def _probe(self, input_size: Sequence[int] | None, vit: bool = False) -> tuple[list[torch.Tensor], int]:
+        """One dry forward (at 128 px, else at ``input_size``; a ViT at its own size): the maps and the size."""
         param = next(self.backbone.parameters(), None)
-        sizes = [_PROBE_SIZE] + ([int(input_size[0])] if input_size is not None and int(input_size[0]) != _PROBE_SIZE else [])
+        sizes = [(_PROBE_SIZE, _PROBE_SIZE)]
+        if input_size is not None:
+            own = (int(input_size[0]), int(input_size[-1]))
+            sizes = [own] if vit else sizes + ([own] if own != sizes[0] else [])
         errors = []
-        for size in sizes:
-            probe = torch.zeros(1, self.in_channels, size, size,
+        for height, width in sizes:
+            probe = torch.zeros(1, self.in_channels, height, width,
                                 device=param.device if param is not None else None,
                                 dtype=param.dtype if param is not None else None)
             try:
                 with torch.no_grad():
                     out = self.backbone(probe)
             except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
-                errors.append(f"at {size}x{size}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+                errors.append(f"at {height}x{width}: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
                 continue
-            return _as_feature_list(out), size
+            return _as_feature_list(out), width
         raise ValueError(f"the backbone {self.name!r} fails on a probe image ({'; '.join(errors)}); check its input size")
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
@@ -165,4 +220,4 @@ class FeatureExtractor(nn.Module):
         return f"name={self.name!r}, channels={self.channels}, strides={self.strides}"
 
 
-__all__ = ["FeatureExtractor", "use_reflect_padding"]
+__all__ = ["FeatureExtractor", "ViTTokenMaps", "use_reflect_padding"]

@@ -15,8 +15,9 @@ from . import compat
 from ._inference_cache import FAST_PATHS, enable_fast_paths
 from .all_in_one import AllInOneBlock, FusedAllInOneBlock
 from .fusion import ChannelPermutation, FusionCouplingLayer
+from .norms import SampleLayerNorm
 from .sequence import ParallelFlows, SequenceFlow
-from .subnets import FusionCrossConvs, FusionSTNets, SubnetConvLN, subnet_conv_ln
+from .subnets import FusionCrossConvs, FusionSTNets, SubnetConvLN, SubnetConvReLU, subnet_conv_ln, subnet_conv_relu
 
 _FREIA_MODULES = ("FrEIA.modules", "FrEIA.modules.all_in_one_block")
 
@@ -55,10 +56,13 @@ __all__ = [
     "FusionCrossConvs",
     "FusionSTNets",
     "ParallelFlows",
+    "SampleLayerNorm",
     "SequenceFlow",
     "SubnetConvLN",
+    "SubnetConvReLU",
     "compat",
     "enable_fast_paths",
     "patch_freia",
     "subnet_conv_ln",
+    "subnet_conv_relu",
 ]

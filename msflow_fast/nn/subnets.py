@@ -1,8 +1,11 @@
-"""Coupling subnetworks of MSFlow: the parallel-flow ``subnet_conv_ln`` and the fusion ``FusionSTNets``.
+"""Coupling subnetworks: MSFlow's parallel-flow ``subnet_conv_ln`` and fusion ``FusionSTNets``, and
+FastFlow's Conv-ReLU-Conv ``SubnetConvReLU``.
 
-Parameter names follow the official checkpoints (MSFLOW_SPEC.md §1.14) so their weights load
-directly: ``conv1``/``ln``/``conv2`` for :class:`SubnetConvLN`; ``cross_convs.{conv1,norm,conv2}``
-and ``conv_s.{k}``/``conv_t.{k}`` for :class:`FusionSTNets`.
+Parameter names follow the authors' checkpoints so their weights load directly:
+``conv1``/``ln``/``conv2`` for :class:`SubnetConvLN` and ``cross_convs.{conv1,norm,conv2}``,
+``conv_s.{k}``/``conv_t.{k}`` for :class:`FusionSTNets` (MSFLOW_SPEC.md §1.14); ``0``/``2`` for
+:class:`SubnetConvReLU` (an ``nn.Sequential`` of conv, ReLU, conv, as anomalib 2.7 and
+gathierry/FastFlow store it).
 """
 
 from __future__ import annotations
@@ -169,9 +172,68 @@ class FusionSTNets(InferenceCachedModule):
         return out
 
 
+class SubnetConvReLU(InferenceCachedModule):
+    """``Conv(k, c_in -> hidden) -> ReLU -> Conv(k, hidden -> c_out)`` with "same" zero padding and no
+    normalisation (FastFlow's subnet), ``hidden = int(c_in * hidden_ratio)``.
+
+    ``state_dict`` keys ``0.*`` and ``2.*`` (the two convs), as an ``nn.Sequential`` of conv, ReLU,
+    conv. With :attr:`fast_paths`, a 1x1 subnet runs as two batched GEMMs over the pixels of each
+    sample (bias and ReLU fused into the first), reading a channel slice of an NCHW tensor in
+    place; a 3x3 subnet's convolutions run by Winograd at CPU inference (see
+    :func:`msflow_fast.ops.conv3x3`). The conv modules are then not called.
+
+    Args:
+        dim_in: input channels.
+        dim_out: output channels (``2 * (C // 2)`` in an AllInOneBlock).
+        kernel_size: 3 or 1.
+        hidden_ratio: hidden width as a fraction of ``dim_in`` (FastFlow: 1.0 for CNNs, 0.16 for ViTs).
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, kernel_size: int = 3, hidden_ratio: float = 1.0) -> None:
+        super().__init__()
+        if kernel_size not in (1, 3):
+            raise ValueError(f"kernel_size must be 1 or 3, got {kernel_size!r}")
+        hidden = int(dim_in * hidden_ratio)
+        if dim_in < 1 or dim_out < 1 or hidden < 1:
+            raise ValueError(f"SubnetConvReLU needs dim_in, dim_out and int(dim_in * hidden_ratio) >= 1, got {dim_in}, {dim_out}, {hidden}")
+        self.kernel_size = kernel_size
+        self.add_module("0", nn.Conv2d(dim_in, hidden, kernel_size, padding=kernel_size // 2))
+        self.add_module("1", nn.ReLU())
+        self.add_module("2", nn.Conv2d(hidden, dim_out, kernel_size, padding=kernel_size // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, dim_in, H, W] -> [B, dim_out, H, W]``."""
+        first, act, second = self._modules["0"], self._modules["1"], self._modules["2"]
+        if self.fast_paths and self.kernel_size == 1 and x.dtype == first.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return _pixel_gemms(x, first, second)
+        if self.kernel_size == 3:
+            return self._conv_module("2", F.relu(self._conv_module("0", x, first)), second)
+        return second(act(first(x)))
+
+
+def _pixel_gemms(x: torch.Tensor, first: nn.Conv2d, second: nn.Conv2d) -> torch.Tensor:
+    """Two 1x1 convolutions with a ReLU between, as batched GEMMs ``W [C_out, C_in] @ x_b [C_in, H*W]``."""
+    b, c, h, w = x.shape
+    if x.stride(1) != h * w or x.stride(2) != w or x.stride(3) != 1:
+        x = x.contiguous()
+    pixels = x.reshape(b, c, h * w)  # a channel slice of an NCHW tensor stays a view
+    hidden = torch.baddbmm(first.bias.view(1, -1, 1), first.weight.view(1, -1, c).expand(b, -1, -1), pixels).relu_()
+    out = torch.baddbmm(second.bias.view(1, -1, 1), second.weight.view(1, second.out_channels, -1).expand(b, -1, -1), hidden)
+    return out.view(b, -1, h, w)
+
+
+def subnet_conv_relu(kernel_size: int, hidden_ratio: float):
+    """A subnet constructor ``f(c_in, c_out)`` building :class:`SubnetConvReLU` (FastFlow's ``subnet_conv_func``)."""
+
+    def make(dim_in: int, dim_out: int) -> SubnetConvReLU:
+        return SubnetConvReLU(dim_in, dim_out, kernel_size, hidden_ratio)
+
+    return make
+
+
 def _stacked(conv_s: nn.Conv2d, conv_t: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one conv computing ``[conv_s(x), conv_t(x)]``."""
     return torch.cat([conv_s.weight, conv_t.weight], dim=0), torch.cat([conv_s.bias, conv_t.bias], dim=0)
 
 
-__all__ = ["FusionCrossConvs", "FusionSTNets", "SubnetConvLN", "subnet_conv_ln"]
+__all__ = ["FusionCrossConvs", "FusionSTNets", "SubnetConvLN", "SubnetConvReLU", "subnet_conv_ln", "subnet_conv_relu"]

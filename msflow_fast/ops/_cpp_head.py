@@ -1,8 +1,9 @@
 """C++/CUDA backend of the likelihood and anomaly-map ops (``msflow_fast._C``).
 
 Registers fake (meta) kernels for every ``msflow_fast::*`` head op and autograd for
-``gaussian_nll_fwd`` and ``log_likelihood_map_fwd``; the functions below carry the names and
-signatures of :mod:`msflow_fast.ops.reference`. Importing this module raises ``ImportError``
+``gaussian_nll_fwd`` and ``log_likelihood_map_fwd`` (the map-aggregation ops are forward only:
+:func:`msflow_fast.ops.aggregate_anomaly_maps` takes their gradients from the reference); the
+functions below carry the names and signatures of :mod:`msflow_fast.ops.reference`. Importing this module raises ``ImportError``
 when the extension is not available.
 """
 
@@ -15,7 +16,7 @@ import torch
 from ._extension import extension_ops
 from .reference import compute_dtype
 
-_ops = extension_ops("gaussian_nll_fwd", "the head ops (csrc/head.cpp)")
+_ops = extension_ops("fastflow_anomaly_map_fwd", "the head ops (csrc/head.cpp)")
 
 
 @torch.library.register_fake("msflow_fast::gaussian_nll_fwd")
@@ -58,6 +59,16 @@ def _aggregate_anomaly_maps_fwd_fake(
 def _log_space_score_fwd_fake(log_likelihood_maps: list[torch.Tensor], output_size: list[int], top_k: float) -> torch.Tensor:
     first = log_likelihood_maps[0]
     return first.new_empty((first.shape[0],))
+
+
+@torch.library.register_fake("msflow_fast::fastflow_anomaly_map_fwd")
+def _fastflow_anomaly_map_fwd_fake(
+    log_likelihood_maps: list[torch.Tensor], output_size: list[int], log_space_score: bool = False, log_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    first = log_likelihood_maps[0]
+    b = first.shape[0]
+    h, w = output_size
+    return first.new_empty((b, h, w)), first.new_empty((b,)), first.new_empty((b if log_space_score else 0,))
 
 
 def _gaussian_nll_setup_context(ctx, inputs, output) -> None:
@@ -123,4 +134,16 @@ def log_space_score(
     return _ops.log_space_score_fwd(list(log_likelihood_maps), list(output_size), float(top_k))
 
 
-__all__ = ["aggregate_anomaly_maps", "gaussian_nll", "log_likelihood_map", "log_space_score"]
+def fastflow_anomaly_map(
+    log_likelihood_maps: Sequence[torch.Tensor],
+    output_size: tuple[int, int],
+    *,
+    log_space_score: bool = False,
+    log_offset: float = 0.0,
+) -> tuple[torch.Tensor, ...]:
+    """FastFlow's map and max score(s) in one pass; see :func:`msflow_fast.ops.reference.fastflow_anomaly_map`."""
+    out = _ops.fastflow_anomaly_map_fwd(list(log_likelihood_maps), list(output_size), bool(log_space_score), float(log_offset))
+    return tuple(out) if log_space_score else tuple(out[:2])
+
+
+__all__ = ["aggregate_anomaly_maps", "fastflow_anomaly_map", "gaussian_nll", "log_likelihood_map", "log_space_score"]

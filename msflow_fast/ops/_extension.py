@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 ENV_DISABLE_EXTENSION = "MSFLOW_FAST_DISABLE_EXT"
-ABI_VERSION = 2
+ABI_VERSION = 3
 """The op schemas this Python code calls (``abi_version()`` of csrc/extension.cpp): a build from
 other sources is not used (the ``cpp`` backend is then unavailable and says to rebuild)."""
 

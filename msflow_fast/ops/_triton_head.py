@@ -86,10 +86,25 @@ def log_space_score(
     return kernels.log_space_score_fwd(list(log_likelihood_maps), tuple(output_size), float(top_k))
 
 
+@torch.no_grad()
+def fastflow_anomaly_map(
+    log_likelihood_maps: Sequence[torch.Tensor],
+    output_size: tuple[int, int],
+    *,
+    log_space_score: bool = False,
+    log_offset: float = 0.0,
+) -> tuple[torch.Tensor, ...]:
+    """FastFlow's map and max score(s) in one pass; see :func:`msflow_fast.ops.reference.fastflow_anomaly_map`."""
+    return kernels.fastflow_anomaly_map_fwd(
+        list(log_likelihood_maps), tuple(output_size), log_space_score=bool(log_space_score), log_offset=float(log_offset)
+    )
+
+
 __all__ = [
     "GaussianNLLFunction",
     "LogLikelihoodMapFunction",
     "aggregate_anomaly_maps",
+    "fastflow_anomaly_map",
     "gaussian_nll",
     "log_likelihood_map",
     "log_space_score",

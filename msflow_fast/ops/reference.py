@@ -396,12 +396,15 @@ def fastflow_anomaly_map(
     """
     ups = [upsample_bilinear_align_false(-torch.exp(m + log_offset), output_size) for m in log_likelihood_maps]
     anomaly_map = torch.stack(ups, dim=-1).mean(dim=-1)
-    score = anomaly_map.flatten(1).amax(dim=1)
+    # A NaN anywhere in an image's maps makes its scores NaN, also where downsampling reads around it.
+    broken = torch.stack([m.flatten(1).isnan().any(dim=1) for m in log_likelihood_maps]).any(dim=0)
+    nan = torch.tensor(float("nan"), dtype=anomaly_map.dtype, device=anomaly_map.device)
+    score = torch.where(broken, nan, anomaly_map.flatten(1).amax(dim=1))
     if not log_space_score:
         return anomaly_map, score
     logs = torch.stack([log_upsample_bilinear(m, output_size) for m in log_likelihood_maps])
     nats = -(torch.logsumexp(logs, dim=0) + log_offset - math.log(len(log_likelihood_maps)))
-    return anomaly_map, score, nats.flatten(1).amax(dim=1)
+    return anomaly_map, score, torch.where(broken, nan, nats.flatten(1).amax(dim=1))
 
 
 def upsample_bilinear_align_false(maps: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:

@@ -74,16 +74,14 @@ class MSFlow(AnomalyModel):
 
     config_class = MSFlowConfig
     metric_maps = {"pixel_auroc": "anomaly_map", "aupro": "anomaly_map_mul", "spro": "anomaly_map_mul"}
+    default_recipe = OFFICIAL_RECIPE
     fixed_on_load = ("backbone", "pretrained", "out_indices")
     # A random-initialised resnet18 at 128 px with one block per scale: no download, minutes on a CPU.
     demo_config = {"input_size": 128, "backbone": "resnet18", "pretrained": False, "parallel_blocks": (1, 1, 1)}
     demo_training = {"epochs": 6, "lr": 1e-3, "batch_size": 8}
 
     def __init__(self, config: MSFlowConfig | None = None, backbone: nn.Module | str | None = None, **overrides: Any) -> None:
-        if isinstance(backbone, str):
-            overrides["backbone"], backbone = backbone, None
-        elif backbone is not None and not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be a timm model name or an nn.Module, got {type(backbone).__name__}")
+        backbone = self.backbone_module(backbone, overrides)
         super().__init__(self.make_config(config, **overrides))
         config = self.config
         self.extractor = FeatureExtractor(
@@ -175,11 +173,6 @@ class MSFlow(AnomalyModel):
         """Anomaly maps ``[B, H, W]`` at the input resolution and image scores ``[B]`` (see the class)."""
         latents, _ = self(images)
         return self.head(latents, tuple(images.shape[-2:]))
-
-    @classmethod
-    def recipe_for(cls, config: MSFlowConfig) -> TrainRecipe:
-        """:data:`OFFICIAL_RECIPE` (the same for every config)."""
-        return OFFICIAL_RECIPE
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, strides={self.extractor.strides}"
