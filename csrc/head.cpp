@@ -336,14 +336,16 @@ LinearTaps<acc_t> half_pixel_taps(int64_t in_size, int64_t out_size) {
   return taps;
 }
 
-// exp(v) with IEEE-like ends: 0 below the smallest normal float (instead of a denormal), +inf
-// above FLT_MAX; exp_approx in between. Double: std::exp.
-inline float exp_flush(float v) {
+// exp(v) over the whole float range: below the smallest normal result, exp(v + 64 ln 2) * 2^-64
+// rounds to the denormal (0 below about -103.97, as std::exp); +inf above FLT_MAX; exp_approx in
+// between. Double: std::exp.
+inline float exp_full_range(float v) {
   const float e = exp_approx(v);
-  const float low = select_bits(-static_cast<int32_t>(v < -87.3365447f), 0.0f, e);
+  const float tiny = exp_approx(v + 44.3614195558365f) * 5.42101086242752217e-20f;
+  const float low = select_bits(-static_cast<int32_t>(v < -87.3365447f), tiny, e);
   return select_bits(-static_cast<int32_t>(v > 88.7228394f), std::numeric_limits<float>::infinity(), low);
 }
-inline double exp_flush(double v) { return std::exp(v); }
+inline double exp_full_range(double v) { return std::exp(v); }
 
 // Whether a value is finite (not inf or NaN), by the float's exponent bits (vectorisable).
 inline bool is_finite_value(float v) { return (float_bits(v) & 0x7f800000) != 0x7f800000; }
@@ -711,7 +713,7 @@ void fastflow_anomaly_map_kernel(at::TensorList maps, int64_t H, int64_t W, bool
         acc_t* p = prob.data() + b * T + s.offset;
 #pragma omp simd reduction(| : nans)
         for (int64_t j = 0; j < s.h * s.w; ++j) {
-          p[j] = exp_flush(x[j] + offset);
+          p[j] = exp_full_range(x[j] + offset);
           nans |= static_cast<int32_t>(x[j] != x[j]);
         }
       }

@@ -254,3 +254,105 @@ def test_save_load_and_cli_train_eval_predict(tmp_path, capsys):
     assert state.backbone == "resnet18" and state.flow_steps == 2 and state.conv3x3_only is True
     assert cli.main(["eval", "--data", str(data), "--category", "syn", "--checkpoint", str(out), "--out", str(tmp_path / "ev"), "--no-progress"]) == 0
     assert cli.main(["predict", "--checkpoint", str(out), "--input", str(data / "syn" / "test" / "good"), "--out", str(tmp_path / "p"), "--no-progress"]) == 0
+
+
+def test_fastflow_heat_maps_use_the_maps_range(tmp_path):
+    """FastFlow maps lie in [-1, 0]: the overlays' colour range is the run's min..max, not 0..max."""
+    from PIL import Image
+
+    from msflow_fast.engine import SyntheticDefects, predict_folder
+
+    model = FastFlow(input_size=SIZE, pretrained=False, flow_steps=2)
+    _perturb(model, 0.2)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    data = SyntheticDefects("test", 4, SIZE, seed=2)
+    for i in range(4):
+        Image.fromarray(data.raw(i)[0]).save(folder / f"{i}.png")
+    results = predict_folder(model, folder, tmp_path / "out", progress=False)
+    overlay = np.asarray(Image.open(results[1]["heatmap"]), np.float32)[:, SIZE + 4 :]
+    image = np.asarray(Image.open(results[1]["heatmap"]), np.float32)[:, :SIZE]
+    assert (overlay - 0.5 * image).std() > 5.0, "the overlay carries no heat map"
+
+
+def test_backbone_weights_read_from_a_file_are_stored_and_reloaded_without_a_download(tmp_path, monkeypatch):
+    theirs, _ = _pair(torch.float32, conv3x3_only=False)
+    config = FastFlow(input_size=SIZE, pretrained=False, flow_steps=4, conv3x3_only=False).config.replace(pretrained=True)
+    import timm
+
+    real = timm.create_model
+
+    def no_download(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise ConnectionError("no network here")
+        return real(*args, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_download)
+    ours = FastFlow(config.replace(pretrained=False))
+    ours.config = config  # as anomalib_config gives it: pretrained weights in the file
+    load_anomalib(ours, theirs.state_dict())
+    assert ours.extractor.source == "file"
+    save(ours, tmp_path / "ff.pt")
+    again = load_model(tmp_path / "ff.pt")  # would raise ConnectionError if it asked timm for weights
+    assert again.config.pretrained is True and again.extractor.source == "file"
+    images = _images(dtype=torch.float32)
+    torch.testing.assert_close(again.eval().predict(images).score, theirs.eval()(images).pred_score.reshape(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_vit_token_maps_follow_timm_for_pre_norm_vits_and_cait():
+    import timm
+
+    from msflow_fast.models.extractor import ViTTokenMaps
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3, pre_norm=True).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ours = ViTTokenMaps(vit, 2)(x)[0]
+        expected = vit.forward_features(x)[:, vit.num_prefix_tokens :].transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(ours, expected)
+    cait = timm.create_model("cait_xxs24_224", pretrained=False, img_size=64, depth=5).eval()
+    with torch.no_grad():
+        ours = ViTTokenMaps(cait, 3)(x)[0]
+        tokens = cait.pos_drop(cait.patch_embed(x) + cait.pos_embed)
+        for block in cait.blocks[:4]:
+            tokens = block(tokens)
+        expected = cait.norm(tokens).transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(ours, expected)
+    with pytest.raises(ValueError, match="outside the 5 blocks"):
+        ViTTokenMaps(cait, 5)
+
+
+def test_vit_models_refuse_other_image_sizes_clearly():
+    model = FastFlow(input_size=SIZE, pretrained=False, backbone="vit_tiny_patch16_224", vit_block=1, feature_norm="channel", flow_steps=2, hidden_ratio=0.16)
+    assert model.predict(torch.randn(1, 3, SIZE, SIZE)).score.shape == (1,)
+    with pytest.raises(ValueError, match="position table is built for that size"):
+        model.predict(torch.randn(1, 3, 96, 96))
+
+
+def test_channel_affine_broadcasts_over_any_trailing_dims():
+    from msflow_fast.nn import SampleLayerNorm
+
+    norm = SampleLayerNorm((8,), affine="channel")
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 9.0).view(8, 1, 1))
+        norm.bias.copy_(torch.arange(8.0).view(8, 1, 1))
+    for shape in ((2, 8, 4, 8), (2, 8, 5)):
+        x = torch.randn(shape)
+        normed = torch.nn.functional.layer_norm(x, x.shape[1:])
+        per_channel = (8,) + (1,) * (x.dim() - 2)
+        torch.testing.assert_close(norm(x), normed * torch.arange(1.0, 9.0).view(per_channel) + torch.arange(8.0).view(per_channel))
+    with pytest.raises(ValueError, match="channel affine of 8 channels"):
+        norm(torch.randn(2, 7, 4, 4))
+
+
+@pytest.mark.parametrize("backend", ["reference", *[b for b in ops.available_backends("cpu", "fastflow_anomaly_map") if b != "reference"]])
+def test_fastflow_map_keeps_denormal_probabilities(backend):
+    """exp(L) for L in (-104, -87) is a denormal float32: every backend keeps it (anomalib does)."""
+    maps = [torch.full((3, 4, 4), -20.0)]
+    for image, level in enumerate((-90.0, -95.0, -100.0)):
+        maps[0][image] = level
+    amap, score = ops.aggregate_anomaly_maps(maps, (4, 4), mode="fastflow", backend=backend)
+    expected = -torch.exp(torch.tensor([-90.0, -95.0, -100.0]))
+    assert (expected != 0).all()
+    torch.testing.assert_close(score, expected, rtol=1e-3, atol=0.0)

@@ -318,8 +318,8 @@ def _train_locked(args: argparse.Namespace, out: Path, config: Any) -> int:
             model, state = _model_from_checkpoint(ckpt, "cpu")
             if state["model"] != cls.name:
                 raise ValueError(f"{ckpt} holds a {state['model']!r} model; resume it with --model {state['model']}")
-            if config_overrides(args, cls.config_class):
-                print("note: config flags are ignored when resuming; the checkpoint's config is used", file=sys.stderr)
+            if config_overrides(args, cls.config_class) or getattr(args, "preset", None):
+                print("note: config flags and --preset are ignored when resuming; the checkpoint's config is used", file=sys.stderr)
         elif args.checkpoint:
             raise FileNotFoundError(f"checkpoint not found: {ckpt}")
         else:
@@ -370,7 +370,8 @@ def _add_predict(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     p.add_argument("--input", required=True, nargs="+", help="image files or one folder of images")
     p.add_argument("--out", required=True, help="folder for heatmaps/*.png and scores.csv")
-    p.add_argument("--vmax", type=_positive_float, default=None, help="top of the heat-map colour range (default: the largest map value)")
+    p.add_argument("--vmin", type=float, default=None, help="bottom of the heat-map colour range (default: the smallest map value)")
+    p.add_argument("--vmax", type=float, default=None, help="top of the heat-map colour range (default: the largest map value)")
     p.add_argument("--skip-unreadable", action="store_true", help="score the readable images and list the others (default: stop, naming them)")
 
 
@@ -386,7 +387,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     source: Any = args.input[0] if len(args.input) == 1 else args.input
     with RunLock(args.out, "prediction"):
         results = predict_folder(
-            model, source, args.out, batch_size=args.batch_size, num_workers=args.workers, device=device, vmax=args.vmax,
+            model, source, args.out, batch_size=args.batch_size, num_workers=args.workers, device=device, vmin=args.vmin, vmax=args.vmax,
             skip_unreadable=args.skip_unreadable, progress=not args.no_progress,
         )
     scored = [r for r in results if r["error"] is None]

@@ -301,10 +301,10 @@ def evaluate(
         write_csv(out / "scores.csv", ["path", "defect", "label", "score"], rows)
         if keep_images:
             maps = stores["anomaly_map"].tensor()
-            vmax = float(maps.max())
+            vmin, vmax = float(maps.min()), float(maps.max())  # one colour range over the run (maps may be negative)
             names = unique_stems([f"{defects[i] or 'image'}_{Path(paths[i]).stem if paths[i] else f'{i:05d}'}" for i in range(filled)])
             with fresh_folder(out / "heatmaps") as folder:
                 for i in range(filled):
                     overlay_mask = mask_t[i] if mask_t is not None else None
-                    save_overlay(folder / f"{names[i]}.png", images_u8[i], maps[i], mask=overlay_mask, vmax=vmax)
+                    save_overlay(folder / f"{names[i]}.png", images_u8[i], maps[i], mask=overlay_mask, vmin=vmin, vmax=vmax)
     return result

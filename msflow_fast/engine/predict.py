@@ -29,6 +29,7 @@ def predict_folder(
     batch_size: int = 8,
     num_workers: int = 0,
     device: str | torch.device | None = None,
+    vmin: float | None = None,
     vmax: float | None = None,
     skip_unreadable: bool = False,
     progress: bool = True,
@@ -37,9 +38,9 @@ def predict_folder(
 
     Writes ``out_dir/heatmaps/<name>.png`` (image | overlay of ``anomaly_map``; a fresh folder
     that replaces the old one once complete; names made unique) and ``out_dir/scores.csv`` (path,
-    score, heatmap, error), each atomically. The colour range is ``[0, vmax]`` for every image,
-    with ``vmax`` = the largest map value over all images unless given, so overlays are
-    comparable. Each image is decoded once (the overlays reuse it, kept as uint8). Every file is
+    score, heatmap, error), each atomically. The colour range is ``[vmin, vmax]`` for every image,
+    the smallest and largest map values over all images unless given, so overlays are comparable
+    (and maps in ``[-1, 0]``, as FastFlow's, show). Each image is decoded once (the overlays reuse it, kept as uint8). Every file is
     checked before any is scored.
 
     Args:
@@ -90,11 +91,12 @@ def predict_folder(
             model.train()
     out = Path(out_dir)
     top = vmax if vmax is not None else max(float(m.float().max()) for m in maps)
+    bottom = vmin if vmin is not None else min(float(m.float().min()) for m in maps)
     results = []
     names = unique_stems([path.stem for path in dataset.files])
     with fresh_folder(out / "heatmaps") as folder:
         for i, (path, amap, score) in enumerate(zip(dataset.files, maps, scores)):
-            save_overlay(folder / f"{names[i]}.png", images_u8[i], amap.float(), vmax=top)
+            save_overlay(folder / f"{names[i]}.png", images_u8[i], amap.float(), vmin=bottom, vmax=top)
             results.append({"path": str(path), "score": score, "heatmap": str(out / "heatmaps" / f"{names[i]}.png"), "error": None})
     results += [{"path": str(path), "score": None, "heatmap": None, "error": reason} for path, reason in bad]
     rows = [[r["path"], "" if r["score"] is None else f"{r['score']:.8g}", r["heatmap"] or "", r["error"] or ""] for r in results]

@@ -526,7 +526,10 @@ def _run_epoch(
         if show and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{value:.4g}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
     if count == 0:
-        raise ValueError("data: produced no batch in this epoch")
+        raise ValueError(
+            f"data: produced no batch in this epoch (batch size {stage.batch_size}"
+            + (", incomplete last batch dropped by the recipe: give at least that many images or a smaller batch size)" if stage.drop_last else ")")
+        )
     return total / count
 
 

@@ -16,9 +16,10 @@
 Frozen extractors (:class:`~msflow_fast.models.extractor.FeatureExtractor`) with
 ``source="pretrained"`` are not stored: :func:`load_model` rebuilds them from the config with timm's
 pretrained weights, which **needs network access or those weights in the timm / Hugging Face
-cache**. A ``"random"`` extractor (a timm name without pretrained weights) is stored and rebuilt
-without a download; a ``"module"`` extractor (a user-supplied backbone) is stored, and loading needs
-an instance of its class through ``backbone=``.
+cache**. A ``"random"`` extractor (a timm name without pretrained weights) or a ``"file"`` one (a
+timm name whose weights a loader read from another file, e.g. an anomalib checkpoint) is stored
+and rebuilt without a download; a ``"module"`` extractor (a user-supplied backbone) is stored, and
+loading needs an instance of its class through ``backbone=``.
 
 Reading is :func:`read`: ``torch.load(weights_only=True)`` (a file holding any other Python object
 is refused before anything in it runs), then one validation. Format 2 files (msflow_fast 0.1,
@@ -362,7 +363,15 @@ def load_model(
             config = config.replace(**overrides)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{_source_name(state)} has a config this version cannot use: {exc}") from exc
-    model = cls(config, backbone=backbone)
+    # Stored backbone weights replace timm's pretrained ones: build without the download.
+    stored = any(meta["source"] in ("random", "file") for meta in state["extractors"].values())
+    build = config.replace(pretrained=False) if stored and getattr(config, "pretrained", False) else config
+    model = cls(build, backbone=backbone)
+    model.config = config
+    modules = dict(model.named_modules())
+    for prefix, meta in state["extractors"].items():
+        if isinstance(modules.get(prefix), FeatureExtractor):
+            modules[prefix].source = meta["source"]
     return load_weights(model, state, strict=strict)
 
 

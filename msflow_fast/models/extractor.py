@@ -8,8 +8,6 @@ import torch
 from torch import nn
 
 _PROBE_SIZE = 128
-# The official extractor uses torchvision's V1 weights; timm's untagged default for this name differs.
-_OFFICIAL_WEIGHTS = {"wide_resnet50_2": "wide_resnet50_2.tv_in1k"}
 
 
 def use_reflect_padding(module: nn.Module) -> int:
@@ -78,9 +76,10 @@ class ViTTokenMaps(nn.Module):
     norm, as one map ``[B, C, H / p, W / p]`` (FastFlow's DeiT and CaiT features).
 
     For a ViT/DeiT: patch embedding, class (and distillation) tokens and positions (timm's
-    ``_pos_embed``), ``blocks[0..block]``, ``norm``, the prefix tokens dropped. For a CaiT (no
-    prefix tokens in its self-attention stage): patch embedding plus positions, ``blocks[0..block]``,
-    ``norm``. The state dict is the timm model's under ``model.``.
+    ``_pos_embed``), ``patch_drop`` and ``norm_pre`` where the model has them, ``blocks[0..block]``,
+    ``norm``, the prefix tokens dropped. For a CaiT (no prefix tokens in its self-attention
+    stage): patch embedding plus positions, ``blocks[0..block]``, ``norm``. The state dict is the
+    timm model's under ``model.``. The model is built for one image size (its position table).
     """
 
     def __init__(self, model: nn.Module, block: int) -> None:
@@ -102,6 +101,9 @@ class ViTTokenMaps(nn.Module):
         else:  # CaiT: positions only
             tokens = m.pos_drop(tokens + m.pos_embed)
             prefix = 0
+        for stage in ("patch_drop", "norm_pre"):  # Identity for DeiT and CaiT, not for every ViT
+            if isinstance(getattr(m, stage, None), nn.Module):
+                tokens = getattr(m, stage)(tokens)
         for blk in m.blocks[: self.block + 1]:
             tokens = blk(tokens)
         tokens = m.norm(tokens)[:, prefix:]
@@ -129,16 +131,19 @@ class FeatureExtractor(nn.Module):
             runs at 128 px, or at this size if the backbone needs it (ViTs).
         vit_block: for a timm vision-transformer name: the token maps after this block
             (:class:`ViTTokenMaps`; FastFlow: 7 for DeiT, 40 for CaiT), built for ``input_size``.
+        weights_tag: the timm pretrained tag to load (``name.tag``), ``None`` for timm's default for
+            the name (MSFlow asks ``tv_in1k``, torchvision's weights, for wide_resnet50_2).
 
     Attributes:
         channels: ``C_k`` per output map, inferred with one dry forward.
         strides: input-to-map downsampling factor per output map.
         source: where the weights come from: ``"pretrained"`` (timm's pretrained weights, rebuilt
             from the name: checkpoints do not store them), ``"random"`` (a timm name with random
-            initialisation) or ``"module"`` (a given module); checkpoints store the last two.
+            initialisation), ``"file"`` (a timm name whose weights were loaded from a file, e.g. an
+            anomalib checkpoint) or ``"module"`` (a given module); checkpoints store the last three.
     """
 
-    SOURCES = ("pretrained", "random", "module")
+    SOURCES = ("pretrained", "random", "file", "module")
 
     def __init__(
         self,
@@ -150,6 +155,7 @@ class FeatureExtractor(nn.Module):
         in_channels: int = 3,
         input_size: Sequence[int] | None = None,
         vit_block: int | None = None,
+        weights_tag: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(backbone, str):
@@ -157,7 +163,7 @@ class FeatureExtractor(nn.Module):
                 import timm
             except ImportError as exc:
                 raise ImportError(f"backbone={backbone!r} needs timm (pip install timm) or pass an nn.Module") from exc
-            name = _OFFICIAL_WEIGHTS.get(backbone, backbone) if pretrained else backbone
+            name = f"{backbone}.{weights_tag}" if pretrained and weights_tag and "." not in backbone else backbone
             self.name = name
             self.source = "pretrained" if pretrained else "random"
             if vit_block is None:

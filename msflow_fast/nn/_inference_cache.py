@@ -114,6 +114,7 @@ FAST_PATHS = (
     "subnet convolution once per batch, cached at inference; the conv module is not called",
     "the fusion subnet's scale and shift convolutions run as one convolution of stacked weights",
     "the subnet LayerNorm + ReLU run as one fused op (ops.channel_layer_norm_relu) instead of calling the LayerNorm module",
+    "a 1x1 Conv-ReLU-Conv subnet runs as two batched GEMMs over the pixels of each sample; the conv modules are not called",
 )
 """What :attr:`InferenceCachedModule.fast_paths` switches on (the one place that lists them)."""
 

@@ -19,8 +19,9 @@ class SampleLayerNorm(nn.Module):
     With ``affine="element"`` it is ``nn.LayerNorm(shape)`` for ``shape = (C, H, W)``: the same
     maths and the same ``state_dict`` keys (``weight``, ``bias`` of that shape), so it loads
     FastFlow's checkpoints, and it ties the model to one input size. ``affine="channel"``
-    normalises the same way but learns one scale and shift per channel (``[C, 1, 1]``): any
-    ``H, W``. ``affine="none"`` has no parameters.
+    normalises the same way but learns one scale and shift per channel (``weight``, ``bias`` of
+    shape ``[C, 1, 1]``, broadcast over any trailing dims): any size. ``affine="none"`` has no
+    parameters.
 
     Args:
         shape: ``(C, H, W)`` (``"element"``), or ``(C, ...)`` (``"channel"``: only C is used).
@@ -40,8 +41,8 @@ class SampleLayerNorm(nn.Module):
             self.weight = nn.Parameter(torch.ones(shape))
             self.bias = nn.Parameter(torch.zeros(shape))
         elif affine == "channel":
-            self.weight = nn.Parameter(torch.ones(shape[0], *([1] * (len(shape) - 1))))
-            self.bias = nn.Parameter(torch.zeros(shape[0], *([1] * (len(shape) - 1))))
+            self.weight = nn.Parameter(torch.ones(shape[0], 1, 1))
+            self.bias = nn.Parameter(torch.zeros(shape[0], 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, *shape] -> [B, *shape]`` (``"element"``) or ``[B, C, ...]`` of any size (else)."""
@@ -55,7 +56,10 @@ class SampleLayerNorm(nn.Module):
         normed = ops.sample_layer_norm(x, eps=self.eps)
         if self.affine == "none":
             return normed
-        return torch.addcmul(self.bias.to(normed.dtype), normed, self.weight.to(normed.dtype))
+        if x.dim() < 2 or x.shape[1] != self.shape[0]:
+            raise ValueError(f"SampleLayerNorm with a channel affine of {self.shape[0]} channels got input {tuple(x.shape)}")
+        per_channel = (self.shape[0],) + (1,) * (x.dim() - 2)  # [C, 1, ...] broadcast over the rest
+        return torch.addcmul(self.bias.view(per_channel).to(normed.dtype), normed, self.weight.view(per_channel).to(normed.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.shape}, affine={self.affine!r}, eps={self.eps}"

@@ -22,7 +22,8 @@ class FastFlowConfig(ModelConfig):
             the norms' affine is built for this size and the model takes only it.
         backbone: timm model name: a CNN (``features_only``) or, with ``vit_block``, a vision
             transformer whose token maps are used.
-        pretrained: load timm's pretrained backbone weights (needs network or a timm cache).
+        pretrained: load timm's pretrained backbone weights (its default tag for the name, as
+            anomalib 2.7: for wide_resnet50_2 that is ``racm_in1k``; needs network or a timm cache).
         out_indices: CNN stages used (timm ``out_indices``; FastFlow: layer1..layer3).
         vit_block: for a ViT backbone, the block (0-based) whose tokens feed the flow
             (FastFlow: 7 for DeiT, 40 for CaiT); ``None`` for a CNN.
@@ -33,7 +34,7 @@ class FastFlowConfig(ModelConfig):
         clamp_form: ``"tanh"`` = ``alpha * tanh(0.1 a)`` (FrEIA 0.2, FastFlow) or ``"tanh_scaled"``.
         feature_norm: ``"layer_norm"``: a trainable LayerNorm over [C, H, W] per stage (faithful for
             CNNs; ties the model to ``input_size``); ``"channel"``: the same normalisation with a
-            per-channel affine, for any input size (not in the paper); ``"backbone"``: none
+            per-channel affine, for any input size with a CNN (not in the paper); ``"backbone"``: none
             beyond the ViT's own final norm (faithful for ViTs); ``"none"``.
         score: ``"max"`` (the maximum of the anomaly map, anomalib's score) or ``"log_space"``
             (the same maximum as ``-log(-map)`` in nats: the same ranking, never underflowing).
@@ -99,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 """The published settings (gathierry/FastFlow configs; anomalib's backbones): input size, steps,
-kernels (3-3 or 3-1), hidden ratio and feature norm. ``FastFlowConfig.from_preset(name, **changes)``."""
+kernels (3-3 or 3-1), hidden ratio and feature norm: :func:`from_preset` or ``FastFlow.from_preset``."""
 
 
 def from_preset(name: str, **changes: Any) -> FastFlowConfig:

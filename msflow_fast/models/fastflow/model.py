@@ -109,11 +109,17 @@ class FastFlow(AnomalyModel):
         stride = self.extractor.max_stride
         if height % stride or width % stride:
             raise ValueError(f"images height and width must be divisible by the backbone's largest stride {stride}, got {height}x{width}")
-        if self.config.feature_norm == "layer_norm" and (height, width) != tuple(self.config.input_size):
-            raise ValueError(
-                f"images must be {self.config.input_size[0]}x{self.config.input_size[1]}: the [C, H, W] LayerNorms are "
-                f"built for that size, got {height}x{width} (feature_norm='channel' takes any size)"
-            )
+        if (height, width) != tuple(self.config.input_size):
+            if self.config.vit_block is not None and self.extractor.source != "module":
+                raise ValueError(
+                    f"images must be {self.config.input_size[0]}x{self.config.input_size[1]}: the vision transformer's "
+                    f"position table is built for that size, got {height}x{width}"
+                )
+            if self.config.feature_norm == "layer_norm":
+                raise ValueError(
+                    f"images must be {self.config.input_size[0]}x{self.config.input_size[1]}: the [C, H, W] LayerNorms are "
+                    f"built for that size, got {height}x{width} (feature_norm='channel' takes any size with a CNN)"
+                )
 
     # ------------------------------------------------------------------ pipeline
 

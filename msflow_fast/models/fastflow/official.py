@@ -70,6 +70,8 @@ def _load(model: FastFlow, converted: dict[str, torch.Tensor], where: str, stric
     if wrong:
         raise ValueError(f"{where} does not match the model (another preset, input size or backbone?): " + "; ".join(wrong[:4]))
     missing, unexpected = model.load_state_dict(converted, strict=False)
+    if any(k.startswith("extractor.") for k in converted):
+        model.extractor.source = "file"  # its weights are the file's now: msflow_fast's checkpoints store them
     missing = [k for k in missing if not k.startswith("extractor.")]  # a file may omit the frozen backbone
     if strict and (missing or unexpected):
         raise ValueError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

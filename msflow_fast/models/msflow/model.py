@@ -31,6 +31,10 @@ class FlowOutput(NamedTuple):
     logdet: torch.Tensor
 
 
+OFFICIAL_WEIGHTS = {"wide_resnet50_2": "tv_in1k"}
+"""timm tags of the official extractor's weights: torchvision's V1 weights (timm's default for
+``wide_resnet50_2`` is another training)."""
+
 OFFICIAL_RECIPE = TrainRecipe(
     (
         TrainStage(
@@ -90,6 +94,7 @@ class MSFlow(AnomalyModel):
             pretrained=config.pretrained,
             reflect_padding=config.reflect_padding and backbone is None,
             input_size=config.input_size,
+            weights_tag=OFFICIAL_WEIGHTS.get(config.backbone),
         )
         channels = self.extractor.channels
         if len(channels) != len(config.parallel_blocks):
