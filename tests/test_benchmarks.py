@@ -79,7 +79,6 @@ def kernels_table(out_dir):
 
 @pytest.fixture(scope="module")
 def e2e_table(out_dir):
-    pytest.importorskip("timm")
     return _run(out_dir, "e2e", "--bf16")
 
 
@@ -119,7 +118,6 @@ def test_kernels_suite_smoke(kernels_table):
 
 
 def test_block_suite_smoke(out_dir):
-    pytest.importorskip("FrEIA")
     code, rows, md = _run(out_dir, "block")
     assert code == 0, md
     _check_rows(rows, "block", "freia")
@@ -156,6 +154,22 @@ def test_e2e_bf16_autocast_line(e2e_table):
     for r in bf16:
         assert r["dtype"] == "bfloat16" and float(r["median_ms"]) > 0
         assert r["speedup_vs_reference"], r
+
+
+def test_epoch_suite_smoke(out_dir):
+    """The epoch suite: per provider epoch 1 (cache built), steady epochs and inference, against
+    the official composition; msflow_fast's first epoch names the cache it built."""
+    code, rows, md = _run(out_dir, "epoch")
+    assert code == 0 and "## Errors" not in md, md
+    _check_rows(rows, "epoch", "freia")
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("freia", "msflow_fast", "msflow_fast-bf16") for m in ("epoch 1", "steady epoch", "infer with backbone")
+    ]
+    for r in rows:
+        assert r["dtype"] == "float32" and r["shape"].endswith("64px resnet18"), r
+        if r["provider"] != "freia" and r["mode"] == "epoch 1":
+            assert re.search(r"cache memory [\d.]+ MiB, built in [\d.]+ s", r["extra"]), r["extra"]
+    _check_markdown(md, "epoch", rows)
 
 
 def test_time_budget_stops_and_says_so(tmp_path):

@@ -209,7 +209,6 @@ _SMALL = ["--input-size", "64", "--backbone", "resnet18", "--no-pretrained", "--
 
 
 def test_real_msflow_train_eval_predict(tmp_path, capsys):
-    pytest.importorskip("timm")
     root = tmp_path / "data"
     write_synthetic_dataset(root, "syn", num_train=4, num_test=4, input_size=64, seed=2)
     out = tmp_path / "run"
@@ -233,7 +232,6 @@ def test_real_msflow_train_eval_predict(tmp_path, capsys):
 
 
 def test_real_msflow_demo_console_script(tmp_path):
-    pytest.importorskip("timm")
     exe = Path(sys.executable).with_name("msflow-fast")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "msflow_fast.cli"]
     proc = subprocess.run(

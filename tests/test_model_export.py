@@ -58,7 +58,6 @@ def test_exported_program_equals_predict_with_dynamic_batch():
 def test_export_keeps_a_dynamic_batch_where_cpu_inference_uses_winograd():
     """Subnets wide enough for the Winograd path (resnet18 stages): its tile threshold reads the batch
     size, so tracing keeps F.conv2d instead of guarding the symbolic batch."""
-    pytest.importorskip("timm")
     torch.manual_seed(0)
     model = MSFlow(input_size=64, backbone="resnet18", pretrained=False, parallel_blocks=(1, 1, 1)).eval()
     x = _images(2)

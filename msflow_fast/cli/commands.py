@@ -188,10 +188,29 @@ def _add_recipe_flags(p: argparse.ArgumentParser, cls: type, defaults: dict[str,
     group.add_argument("--batch-size", type=_positive_int, default=defaults.get("batch_size"), help=f"images per step, per process under torchrun (default: {shown('batch_size', stage.batch_size)})")
     group.add_argument("--weight-decay", type=_non_negative_float, default=None, help=f"optimizer weight decay (default: {stage.weight_decay})")
     group.add_argument("--grad-clip", type=_grad_clip, default=None, metavar="NORM", help=f"max gradient norm, or 'none' (default: {stage.grad_clip or 'none'})")
+    group.add_argument(
+        "--feature-cache", choices=["auto", "memory", "disk", "off"], default="auto",
+        help="compute the frozen backbone's features once and train later epochs on them: in memory, else on disk in --out "
+        "(auto, the default), or as given; 'off' runs the backbone every epoch. The same training either way",
+    )
+    group.add_argument(
+        "--feature-cache-dtype", choices=["bfloat16"], default=None,
+        help="store cached features in bf16 (half the memory; rounds the flows' inputs). Default: their own dtype",
+    )
 
 
 def _fit_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip}
+    return {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+            "feature_cache": args.feature_cache, "feature_cache_dtype": args.feature_cache_dtype}
+
+
+def _cache_summary(result: Any) -> str:
+    """`` (features cached in memory, 12.0 MiB)`` from a FitResult, or ``""`` when nothing was cached."""
+    used = [r for r in result.feature_cache.values() if r.storage != "off"]
+    if not used:
+        return ""
+    report = used[-1]
+    return f" (features {'reused from' if report.reused else 'cached'} {report.reason.split(' (')[0]}, {report.bytes / 2**20:.1f} MiB)"
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -241,7 +260,7 @@ def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps
         if result.start_epoch >= result.epochs:
             print(f"nothing to train: {out / 'last.pt'} has finished all {result.epochs} epochs; evaluating it")
         else:
-            print(f"trained epochs {result.start_epoch + 1}-{result.epochs} in {result.seconds:.1f} s; checkpoint {out / 'last.pt'}")
+            print(f"trained epochs {result.start_epoch + 1}-{result.epochs} in {result.seconds:.1f} s{_cache_summary(result)}; checkpoint {out / 'last.pt'}")
     if test_set is None or not rank0:
         return None
     batch = args.batch_size or model.recipe().stages[-1].batch_size
@@ -436,7 +455,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     args.checkpoint_written = run / "last.pt"
     result = fit(model, train_set, **_fit_options(args), out_dir=run, overwrite=True, device=device, seed=args.seed, progress=not args.no_progress)
     _print_warnings(result.warnings)
-    print(f"trained {result.epochs} epochs of {cls.name} in {result.seconds:.1f} s (final loss {result.losses[-1]:.6g})")
+    print(f"trained {result.epochs} epochs of {cls.name} in {result.seconds:.1f} s (final loss {result.losses[-1]:.6g}){_cache_summary(result)}")
     batch = args.batch_size or model.recipe().stages[-1].batch_size
     metrics = evaluate(model, test_set, batch_size=batch, device=device, out_dir=run, heatmaps=True, progress=not args.no_progress)
     _print_metrics(metrics)

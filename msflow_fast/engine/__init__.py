@@ -18,6 +18,7 @@ from .data import (
     write_synthetic_dataset,
 )
 from .evaluate import evaluate
+from .feature_cache import CacheReport
 from .metrics import aupro, auroc, image_auroc, pixel_auroc
 from .optim import EpochSchedule, make_optimizer
 from .predict import predict_folder
@@ -26,6 +27,7 @@ from .visualize import apply_colormap, images_to_uint8, overlay, save_overlay
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CacheReport",
     "DEFAULT_RECIPE",
     "EpochSchedule",
     "FitResult",

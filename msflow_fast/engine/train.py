@@ -19,6 +19,10 @@ through :class:`~torch.nn.parallel.DistributedDataParallel` (gloo on CPU, NCCL o
 a :class:`~torch.utils.data.DistributedSampler`, the batch size is per process, and only rank 0 writes
 checkpoints.
 
+Feature cache: a model's frozen part (``frozen_features``) runs once per image, in a stage's first
+epoch; later epochs train on the kept features, with the same batches in the same order
+(:mod:`msflow_fast.engine.feature_cache` states the policy: when, where, keys, DDP).
+
 Per step the loop reads the device once (the reported loss and the gradient norm together, to stop
 on a non-finite value before the step is applied). Input images on the CPU are checked for NaN/inf
 before they move to the device, except from datasets of decoded files (8-bit, always finite).
@@ -48,7 +52,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from ..models import checkpoint as model_checkpoint
 from ..models.base import TrainRecipe, TrainStage, as_batch, batch_paths
-from .data import check_finite_images, decoded_finite
+from .data import check_finite_images, decoded_finite, deterministic_items
+from .feature_cache import CACHE_MODES, INDEX_KEY, CacheReport, FeatureCache, IndexDataset, IndexedDataset, cache_key, memory_budget, storage_dtype
 from .optim import EpochSchedule, make_optimizer
 from .run_folder import RUN_FILES, RunLock, remove_stale_temporaries
 
@@ -67,21 +72,26 @@ class FitResult:
         epochs: total epochs of the stages planned (over all stages).
         start_epoch: epochs already done when this call started (0, or where a resume continued).
         losses, lrs: per-epoch mean loss and learning rate of the epochs run in this call.
+        epoch_seconds: wall time of each of those epochs (a caching epoch includes completing the cache).
         stages: ``(stage name, epochs run in this call)`` in order.
         checkpoint: ``last.pt`` (``None`` without ``out_dir``).
         seconds: wall time of the epochs.
         warnings: what looked wrong though nothing failed (a diverging loss); also issued as
             :class:`RuntimeWarning`.
+        feature_cache: per stage run, what the feature cache did
+            (:class:`~msflow_fast.engine.feature_cache.CacheReport`: storage, size, build time).
     """
 
     epochs: int
     start_epoch: int
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
     stages: list[tuple[str, int]] = field(default_factory=list)
     checkpoint: str | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    feature_cache: dict[str, CacheReport] = field(default_factory=dict)
 
 
 class _LossForward(nn.Module):
@@ -104,9 +114,17 @@ def seed_everything(seed: int) -> None:
 
 
 def batch_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """The batch with its tensors on ``device`` (other entries as they are)."""
+    """The batch with its tensors (and lists of tensors) on ``device``; other entries as they are."""
     non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=non_blocking)
+        if isinstance(value, list) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return [v.to(device, non_blocking=non_blocking) for v in value]  # e.g. cached "features"
+        return value
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _dist_info() -> tuple[bool, int, int]:
@@ -120,14 +138,22 @@ def _epoch_seed(seed: int, stage_index: int, epoch: int) -> int:
 
 
 class _Loader:
-    """A re-iterable source of batches for one stage; ``start_epoch(e)`` fixes epoch e's order."""
+    """A re-iterable source of batches for one stage; ``start_epoch(e)`` fixes epoch e's order.
 
-    def __init__(self, data: Any, stage: TrainStage, shuffle: bool, num_workers: int, seed: int | None, stage_index: int) -> None:
+    With a feature ``cache`` (a map-style dataset): the epochs before the cache is complete read
+    the images (items carry their index, so their features can be stored); later epochs read the
+    cache through a second loader with the same sampler, hence the same batches in the same order.
+    """
+
+    def __init__(self, data: Any, stage: TrainStage, shuffle: bool, num_workers: int, seed: int | None, stage_index: int,
+                 cache: FeatureCache | None = None) -> None:
         distributed, rank, world = _dist_info()
         self.sampler: DistributedSampler | None = None
         self.generator: torch.Generator | None = None
         self.seed, self.stage_index = seed, stage_index
         self.one_shot = False
+        self.cache = cache
+        self.cache_loader: DataLoader | None = None
         if isinstance(data, DataLoader):
             self.loader: Any = data
             if distributed and not isinstance(data.sampler, DistributedSampler) and not isinstance(data.dataset, IterableDataset):
@@ -144,15 +170,15 @@ class _Loader:
             pin = torch.cuda.is_available()
             if distributed:
                 self.sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed or 0, drop_last=stage.drop_last)
-                self.loader = DataLoader(
-                    data, batch_size=stage.batch_size, sampler=self.sampler, num_workers=num_workers, pin_memory=pin, drop_last=stage.drop_last
-                )
+                order: dict[str, Any] = {"sampler": self.sampler}
             else:
                 self.generator = torch.Generator() if seed is not None else None
-                self.loader = DataLoader(
-                    data, batch_size=stage.batch_size, shuffle=shuffle, num_workers=num_workers,
-                    generator=self.generator, drop_last=stage.drop_last, pin_memory=pin,
-                )
+                order = {"shuffle": shuffle, "generator": self.generator}
+            common = {"batch_size": stage.batch_size, "drop_last": stage.drop_last, "pin_memory": pin, **order}
+            images = IndexedDataset(data) if cache is not None else data
+            self.loader = DataLoader(images, num_workers=num_workers, **common)
+            if cache is not None:  # served from memory (or a memory map): no workers
+                self.cache_loader = DataLoader(IndexDataset(len(data)), collate_fn=cache.batch, **common)
         elif isinstance(data, IterableDataset):
             self.loader = DataLoader(data, batch_size=stage.batch_size, num_workers=num_workers)
         elif isinstance(data, (torch.Tensor, Mapping)):
@@ -162,6 +188,12 @@ class _Loader:
             self.one_shot = iter(data) is data
         else:
             raise TypeError(f"data: expected a Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}")
+
+    def epoch_batches(self) -> Any:
+        """This epoch's batches: the cache's once it is complete, else the images'."""
+        if self.cache_loader is not None and self.cache is not None and self.cache.complete:
+            return self.cache_loader
+        return self.loader
 
     def start_epoch(self, epoch: int) -> None:
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
@@ -257,6 +289,9 @@ def fit(
     seed: int | None = None,
     progress: bool = True,
     find_unused_parameters: bool = False,
+    feature_cache: str = "auto",
+    feature_cache_dtype: str | torch.dtype | None = None,
+    feature_cache_memory: int | None = None,
 ) -> FitResult:
     """Train ``model`` on normal images (and, for supervised models, their masks and labels).
 
@@ -286,6 +321,13 @@ def fit(
         seed: fixes the shuffling order of every epoch (exact resume).
         progress: tqdm progress bars and one summary line per epoch (rank 0 only).
         find_unused_parameters: passed to DDP.
+        feature_cache: ``"auto"`` (default), ``"memory"``, ``"disk"`` or ``"off"``: compute a frozen
+            backbone's features once per dataset and train later epochs on them (same batches, same
+            training; see :mod:`msflow_fast.engine.feature_cache` for the policy).
+        feature_cache_dtype: ``None`` (the features' dtype) or ``"bfloat16"`` (half the memory; rounds
+            the flows' inputs).
+        feature_cache_memory: bytes a memory cache may take under ``"auto"`` (default: half the
+            available memory).
 
     Returns:
         A :class:`FitResult`.
@@ -308,6 +350,12 @@ def fit(
             f"out_dir: checkpoints need a registered model (msflow_fast.models.registry), got {type(model).__name__}; "
             "pass out_dir=None or register the model"
         )
+    if feature_cache not in CACHE_MODES:
+        raise ValueError(f"feature_cache: expected one of {CACHE_MODES}, got {feature_cache!r}")
+    if feature_cache_memory is not None and (isinstance(feature_cache_memory, bool) or not isinstance(feature_cache_memory, int) or feature_cache_memory < 0):
+        raise ValueError(f"feature_cache_memory: expected a number of bytes >= 0, got {feature_cache_memory!r}")
+    cache_options = {"mode": feature_cache, "stored": storage_dtype(feature_cache_dtype),
+                     "budget": memory_budget() if feature_cache_memory is None else feature_cache_memory}
     plan = _plan(model, stages, {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay}, grad_clip)
     amp_dtype = _amp_dtype(amp)
     distributed, rank, world = _dist_info()
@@ -319,7 +367,7 @@ def fit(
             _prepare_folder(Path(out_dir), resume, overwrite)
         schedule_overrides = {"warmup_epochs": warmup_epochs, "milestones": milestones, "gamma": gamma, "warmup_start": warmup_start}
         return _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle, num_workers,
-                    out_dir, resume, schedule_overrides, seed, progress, find_unused_parameters)
+                    out_dir, resume, schedule_overrides, seed, progress, find_unused_parameters, cache_options)
 
 
 def _prepare_folder(folder: Path, resume: Any, overwrite: bool) -> None:
@@ -342,8 +390,89 @@ def _prepare_folder(folder: Path, resume: Any, overwrite: bool) -> None:
             path.unlink()
 
 
+def _stage_cache(model: nn.Module, data: Any, stage: TrainStage, options: dict, out_dir: Any, amp_dtype: torch.dtype | None,
+                 distributed: bool, rank: int) -> tuple[FeatureCache | None, CacheReport]:
+    """The feature cache for ``stage`` (``None`` when off) and the report saying why."""
+    mode = options["mode"]
+    if mode == "off":
+        return None, CacheReport("off", "off: feature_cache='off'")
+    forced = mode in ("memory", "disk")
+    if not callable(getattr(model, "frozen_features", None)):
+        if forced:
+            raise ValueError(f"feature_cache={mode!r}: {type(model).__name__} has no frozen_features(images); use 'auto' or 'off'")
+        return None, CacheReport("off", "off: the model has no frozen part (frozen_features)")
+    if not isinstance(data, Dataset) or isinstance(data, IterableDataset):
+        if forced:
+            raise ValueError(f"feature_cache={mode!r} needs a map-style Dataset (items by index), got {type(data).__name__}; "
+                             "pass the Dataset rather than a DataLoader or an iterable")
+        return None, CacheReport("off", f"off: data is a {type(data).__name__}, not a map-style Dataset")
+    if not forced and not deterministic_items(data):
+        return None, CacheReport("off", "off: the dataset does not declare deterministic_items (random augmentation?)")
+    if mode == "disk" and (out_dir is None or distributed):
+        raise ValueError("feature_cache='disk' needs out_dir" + (" and a single process (under DDP use 'memory' or 'auto')" if distributed else ""))
+    key = cache_key(model, data, stage.name, amp_dtype, options["stored"]) if out_dir is not None and not distributed else None
+    if mode == "disk" and key is None:
+        raise ValueError(f"feature_cache='disk': {type(data).__name__} has no fingerprint() (or the model no frozen_fingerprint()) "
+                         "to key the cache; use 'memory'")
+    size = len(data)
+    if key is not None and mode in ("auto", "disk"):
+        reused = FeatureCache.open(out_dir, key, size)
+        if reused is not None:
+            return reused, reused.report
+    cache = FeatureCache(size, storage=mode, folder=out_dir if not distributed and rank == 0 else None, key=key,
+                         stored=options["stored"], budget=options["budget"], distributed=distributed)
+    return cache, cache.report
+
+
+def _complete_cache(cache: FeatureCache, model: nn.Module, data: Any, stage: TrainStage, amp_dtype, device, distributed: bool, show: bool) -> None:
+    """After a caching epoch: the images it did not see (a dropped last batch), the ranks' shards
+    exchanged under DDP, then the cache marked complete (a disk cache renamed into place)."""
+
+    indexed = IndexedDataset(data)
+    finite_data = decoded_finite(data)
+
+    def compute(indices: list[int]) -> None:
+        for start in range(0, len(indices), stage.batch_size):
+            batch = torch.utils.data.default_collate([indexed[i] for i in indices[start : start + stage.batch_size]])
+            if not finite_data:
+                check_finite_images(batch["image"], batch_paths(batch), "the images the first epoch did not see")
+            _cache_batch(cache, model, batch, amp_dtype, device)
+
+    if distributed:
+        cache.share(compute)
+    elif cache.active:
+        compute(cache.missing())
+    if cache.active:
+        cache.finish()
+        if show:
+            _write(f"feature cache: {cache.report.reason}, {cache.report.items} images, built in {cache.report.build_seconds:.1f} s")
+
+
+def _cache_batch(cache: FeatureCache, model: nn.Module, batch: dict[str, Any], amp_dtype, device) -> dict[str, Any]:
+    """Compute an image batch's frozen features (under the run's autocast), store them and return
+    the batch the loss sees: the features and the kept entries (no image, no mask) — the same
+    entries a batch read from the cache has."""
+    index = batch.pop(INDEX_KEY)
+    if not cache.active:
+        return batch
+    started = time.perf_counter()
+    images = batch["image"]
+    moved = images.to(device, non_blocking=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        features = model.frozen_features(moved)
+    if features is None:
+        cache.deactivate("off: the model has no frozen part (frozen_features returned None)")
+        return batch
+    cache.store(index, features, batch)
+    cache.report.build_seconds += time.perf_counter() - started
+    out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
+    out["features"] = list(features)
+    return out
+
+
 def _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle, num_workers,
-         out_dir, resume, schedule_overrides, seed, progress, find_unused_parameters) -> FitResult:
+         out_dir, resume, schedule_overrides, seed, progress, find_unused_parameters, cache_options) -> FitResult:
     if _device_of(model) != device:
         model.to(device)
 
@@ -411,43 +540,24 @@ def _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle
                 group["lr"] = base * schedule(first_epoch)
             scheduler.last_epoch = first_epoch
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        loader = _Loader(data, stage, shuffle, num_workers, seed, stage_index)
+        cache, cache_report = _stage_cache(model, data, stage, cache_options, out_dir, amp_dtype, distributed, rank)
+        result.feature_cache[stage.name] = cache_report
+        loader = _Loader(data, stage, shuffle, num_workers, seed, stage_index, cache)
         if loader.one_shot and total_epochs - done > 1:
             raise TypeError("data: a one-shot iterator can only be used for one epoch; pass a list, Dataset or DataLoader")
-        stage_history = history.setdefault(stage.name, {"loss": [], "lr": []})
         model.train()
-        for epoch in range(first_epoch, stage.epochs):
-            loader.start_epoch(epoch)
-            lr_now = optimizer.param_groups[0]["lr"]
-            mean_loss = _run_epoch(
-                loss_module, loader.loader, optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
-                finite_data, last_good, ckpt_path, show, f"{stage.name} " if len(plan) > 1 else "", epoch,
-            )
-            scheduler.step()
-            stage_history["loss"].append(mean_loss)
-            stage_history["lr"].append(lr_now)
-            result.losses.append(mean_loss)
-            result.lrs.append(lr_now)
-            done += 1
-            if ckpt_path is not None and rank == 0:
-                _check_finite_weights(params, stage, epoch, last_good, ckpt_path)
-                training_state = {
-                    "stage": stage.name,
-                    "epoch": epoch,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "history": history,
-                    "seed": seed,
-                }
-                model_checkpoint.save(model, ckpt_path, training=training_state)
-                last_good = str(ckpt_path)
-            if distributed:
-                torch.distributed.barrier()
-            if show:
-                where = f"{stage.name} " if len(plan) > 1 else ""
-                _write(f"{where}epoch {epoch + 1}/{stage.epochs}  loss {mean_loss:.6g}  lr {lr_now:.3g}  ({time.perf_counter() - started:.1f} s)")
+        try:
+            _run_stage(model, loss_module, loader, cache, data, optimizer, scheduler, params, scaler, stage, plan, first_epoch,
+                       amp_dtype, device, distributed, world, rank, finite_data, ckpt_path, show, history, seed, result, started,
+                       last_good)
+        finally:
+            if cache is not None:
+                cache.abort()  # a half-written disk cache is removed (a complete one stays)
+                result.feature_cache[stage.name] = cache.report
+        done += stage.epochs - first_epoch
+        last_good = str(ckpt_path) if ckpt_path is not None and ckpt_path.is_file() else last_good
         result.stages.append((stage.name, stage.epochs - first_epoch))
+        stage_history = history[stage.name]
         diverged = _divergence(stage.name, stage_history["loss"])
         if diverged:
             result.warnings.append(diverged)
@@ -456,6 +566,49 @@ def _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle
                 _write(f"warning: {diverged}")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _run_stage(model, loss_module, loader, cache, data, optimizer, scheduler, params, scaler, stage, plan, first_epoch,
+               amp_dtype, device, distributed, world, rank, finite_data, ckpt_path, show, history, seed, result, started,
+               last_good) -> None:
+    """The epochs ``first_epoch..`` of one stage, a checkpoint after each (rank 0)."""
+    stage_history = history.setdefault(stage.name, {"loss": [], "lr": []})
+    for epoch in range(first_epoch, stage.epochs):
+        epoch_started = time.perf_counter()
+        loader.start_epoch(epoch)
+        lr_now = optimizer.param_groups[0]["lr"]
+        caching = cache is not None and cache.active and not cache.complete
+        mean_loss = _run_epoch(
+            loss_module, loader.epoch_batches(), optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
+            finite_data, last_good, ckpt_path, show, f"{stage.name} " if len(plan) > 1 else "", epoch,
+            (cache, model) if caching else None,
+        )
+        if caching:
+            _complete_cache(cache, model, data, stage, amp_dtype, device, distributed, show)
+        scheduler.step()
+        result.epoch_seconds.append(time.perf_counter() - epoch_started)
+        stage_history["loss"].append(mean_loss)
+        stage_history["lr"].append(lr_now)
+        result.losses.append(mean_loss)
+        result.lrs.append(lr_now)
+        if ckpt_path is not None and rank == 0:
+            _check_finite_weights(params, stage, epoch, last_good, ckpt_path)
+            training_state = {
+                "stage": stage.name,
+                "epoch": epoch,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "history": history,
+                "seed": seed,
+            }
+            model_checkpoint.save(model, ckpt_path, training=training_state)
+            last_good = str(ckpt_path)
+        if distributed:
+            torch.distributed.barrier()
+        if show:
+            where = f"{stage.name} " if len(plan) > 1 else ""
+            _write(f"{where}epoch {epoch + 1}/{stage.epochs}  loss {mean_loss:.6g}  lr {lr_now:.3g}  ({time.perf_counter() - started:.1f} s)")
 
 
 DIVERGENCE_FACTOR = 100.0
@@ -479,15 +632,21 @@ def _divergence(stage: str, losses: list[float]) -> str | None:
 
 def _run_epoch(
     loss_module, loader, optimizer, params, scaler, stage, amp_dtype, device, distributed, world,
-    finite_data, last_good, ckpt_path, show, prefix, epoch,
+    finite_data, last_good, ckpt_path, show, prefix, epoch, caching=None,
 ) -> float:
+    """One epoch; ``caching = (cache, model)`` while the feature cache is being built: each image
+    batch's frozen features are computed here, stored, and passed to the loss instead of the images."""
     total, count = 0.0, 0
-    bar = _progress(loader, f"{prefix}epoch {epoch + 1}/{stage.epochs}", show)
+    desc = f"{prefix}epoch {epoch + 1}/{stage.epochs}" + (" (caching features)" if caching is not None else "")
+    bar = _progress(loader, desc, show)
     for step, raw in enumerate(bar):
         batch = as_batch(raw)
-        if not finite_data:
+        if not finite_data and "image" in batch:
             # On the CPU (before the copy): a cheap pass over host memory, no device sync.
             check_finite_images(batch["image"], batch_paths(batch), f"training batch {step + 1} of epoch {epoch + 1}")
+        if caching is not None and INDEX_KEY in batch:
+            batch = _cache_batch(caching[0], caching[1], batch, amp_dtype, device)
+        batch.pop(INDEX_KEY, None)
         batch = batch_to_device(batch, device)
         autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
         with autocast:

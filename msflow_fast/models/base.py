@@ -13,6 +13,9 @@ through this module:
 - :func:`as_batch`: the batch dict ``loss`` receives: ``"image"`` ``[B, 3, H, W]`` and, where the
   data has them, ``"mask"`` ``[B, H, W]`` (non-zero = anomalous), ``"label"`` ``[B]``, ``"path"``
   and ``"defect"`` (lists of str). Models supervised by pseudo anomalies read the mask and label.
+  A model with a frozen part (:meth:`AnomalyModel.frozen_features`) also takes ``"features"``
+  (its frozen part's outputs, a list of ``[B, ...]`` tensors) instead of ``"image"``: the engine
+  computes them once per dataset and trains later epochs on the cache.
 
 Images are ImageNet-normalised float tensors. Spatial models (feature maps) and fiber models
 (per-pixel vectors) alike take images and return maps at the input size; what happens between
@@ -22,6 +25,8 @@ is the model's own.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -51,7 +56,9 @@ def as_batch(batch: Any) -> dict[str, Any]:
         out: dict[str, Any] = {"image": batch}
     elif isinstance(batch, Mapping):
         if "image" not in batch:
-            raise KeyError(f"batch dict has no 'image' entry (keys: {sorted(map(str, batch))})")
+            if "features" in batch:  # a batch of cached frozen features (see AnomalyModel.frozen_features)
+                return dict(batch)
+            raise KeyError(f"batch dict has no 'image' (or 'features') entry (keys: {sorted(map(str, batch))})")
         out = dict(batch)
     elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
         out = {"image": batch[0]}
@@ -438,6 +445,33 @@ class AnomalyModel(nn.Module):
         """The training defaults of this model: ``recipe_for(self.config)``."""
         return type(self).recipe_for(self.config)
 
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor] | None:
+        """The outputs of the model's frozen part for images ``[B, 3, H, W]`` (a list of ``[B, ...]``
+        tensors), or ``None`` for a model without one (the default).
+
+        They must be a pure function of the image (frozen weights, no randomness, no batch
+        statistics), and ``loss({"features": ...})`` must equal ``loss({"image": ...})``: the
+        engine then computes them once per dataset and trains on the cache (``fit(feature_cache=)``).
+        A model whose loss reads masks must not offer them (the cache keeps ``"label"``,
+        ``"path"`` and ``"defect"`` besides the features, not the masks).
+        """
+        return None
+
+    def frozen_fingerprint(self) -> str | None:
+        """A sha256 hex digest of everything :meth:`frozen_features` depends on besides the image
+        (the frozen weights and the settings that shape the features), or ``None`` without a frozen
+        part. It keys the on-disk feature cache: two models with equal digests must give equal features.
+        """
+        return None
+
+    def digest_frozen(self, frozen: nn.Module) -> str:
+        """:meth:`frozen_fingerprint` for a model whose frozen part is the module ``frozen``: its
+        state, the model's name and config (less ``pretrained``: the weights are in the state) and
+        the dtype the features come in. Conservative: any config change gives a new digest."""
+        config = {k: v for k, v in self.config.to_dict().items() if k != "pretrained"} if self.config is not None else None
+        dtype = next((p.dtype for p in self.parameters() if p.requires_grad), None)
+        return tensor_digest(frozen.state_dict(), {"model": self.name, "config": config, "dtype": str(dtype)})
+
     def set_stage(self, stage: str) -> None:
         """Called by ``fit`` before the stage named ``stage`` of :meth:`recipe` runs (default: nothing)."""
 
@@ -447,6 +481,17 @@ class AnomalyModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor], settings: Any = None) -> str:
+    """sha256 hex digest of named tensors (names, dtypes, shapes, bytes) and JSON-able ``settings``."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        data = t.cpu().contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
 
 
 __all__ = [
@@ -460,4 +505,5 @@ __all__ = [
     "as_batch",
     "batch_paths",
     "normalize_input_size",
+    "tensor_digest",
 ]

@@ -117,6 +117,12 @@ class ViTTokenMaps(nn.Module):
         return f"block={self.block}, patch={self.patch}"
 
 
+BACKBONE_PRECISIONS = ("float32", "bfloat16")
+"""The backbone precisions. ``"bfloat16"`` moves the backbone's features by about 0.2-0.5 % (relative
+L2, resnet18 / wide_resnet50_2 at 256 px, random weights); its effect on scores is measured in
+``benchmarks/results/`` (see the README's speed section), which is why float32 stays the default."""
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone returning a list of feature maps; always in eval mode, run under ``no_grad``.
 
@@ -133,6 +139,12 @@ class FeatureExtractor(nn.Module):
             (:class:`ViTTokenMaps`; FastFlow: 7 for DeiT, 40 for CaiT), built for ``input_size``.
         weights_tag: the timm pretrained tag to load (``name.tag``), ``None`` for timm's default for
             the name (MSFlow asks ``tv_in1k``, torchvision's weights, for wide_resnet50_2).
+        precision: ``"float32"`` or ``"bfloat16"``: the backbone's compute precision. bf16 runs it
+            under autocast (AVX-512 BF16 / AMX on CPU, tensor cores on GPU); its outputs are cast
+            back to the input's dtype, so what follows (flows, log-dets, scores) stays float32.
+            See :data:`BACKBONE_PRECISIONS` for how far that moves the features.
+        channels_last: run the backbone in the channels-last memory layout (faster convolutions on
+            CPU and GPU; the same maths, float32 rounding apart); outputs are returned contiguous.
 
     Attributes:
         channels: ``C_k`` per output map, inferred with one dry forward.
@@ -144,6 +156,7 @@ class FeatureExtractor(nn.Module):
     """
 
     SOURCES = ("pretrained", "random", "file", "module")
+    PRECISIONS = BACKBONE_PRECISIONS
 
     def __init__(
         self,
@@ -156,8 +169,14 @@ class FeatureExtractor(nn.Module):
         input_size: Sequence[int] | None = None,
         vit_block: int | None = None,
         weights_tag: str | None = None,
+        precision: str = "float32",
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
+        if precision not in BACKBONE_PRECISIONS:
+            raise ValueError(f"precision: expected one of {BACKBONE_PRECISIONS}, got {precision!r}")
+        self.precision = precision
+        self.channels_last = bool(channels_last)
         if isinstance(backbone, str):
             try:
                 import timm
@@ -182,6 +201,7 @@ class FeatureExtractor(nn.Module):
         self.in_channels = int(in_channels)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        self.set_channels_last(self.channels_last)
         maps, size = self._probe(input_size, vit=vit_block is not None)
         self.channels = [int(m.shape[1]) for m in maps]
         self.strides = [max(1, round(size / m.shape[-1])) for m in maps]
@@ -207,6 +227,12 @@ class FeatureExtractor(nn.Module):
             return _as_feature_list(out), width
         raise ValueError(f"the backbone {self.name!r} fails on a probe image ({'; '.join(errors)}); check its input size")
 
+    def set_channels_last(self, enabled: bool) -> "FeatureExtractor":
+        """Switch the backbone's layout (weights and inputs) to channels-last or back to the standard one."""
+        self.channels_last = bool(enabled)
+        self.backbone.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
+
     def train(self, mode: bool = True) -> "FeatureExtractor":
         """The backbone stays in eval mode (batch norm uses running statistics), whatever ``mode``."""
         super().train(mode)
@@ -218,12 +244,18 @@ class FeatureExtractor(nn.Module):
         return max(self.strides)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``[B, 3, H, W] -> [[B, C_k, H / s_k, W / s_k], ...]`` without autograd."""
+        """``[B, 3, H, W] -> [[B, C_k, H / s_k, W / s_k], ...]`` (contiguous, the images' dtype) without autograd."""
         with torch.no_grad():
-            return _as_feature_list(self.backbone(images))
+            x = images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.dim() == 4 else images
+            if self.precision == "bfloat16" and images.is_floating_point():
+                with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                    maps = _as_feature_list(self.backbone(x))
+                return [m.to(images.dtype).contiguous() for m in maps]
+            return [m.contiguous() for m in _as_feature_list(self.backbone(x))]
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, channels={self.channels}, strides={self.strides}"
+        extra = f", precision={self.precision!r}" if self.precision != "float32" else ""
+        return f"name={self.name!r}, channels={self.channels}, strides={self.strides}{extra}"
 
 
-__all__ = ["FeatureExtractor", "ViTTokenMaps", "use_reflect_padding"]
+__all__ = ["BACKBONE_PRECISIONS", "FeatureExtractor", "ViTTokenMaps", "use_reflect_padding"]

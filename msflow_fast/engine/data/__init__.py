@@ -4,7 +4,7 @@ defect dataset (:mod:`.synthetic`) and the batch checks the engine runs (:mod:`.
 from __future__ import annotations
 
 from ..._sizes import image_size_hw
-from .checks import check_finite_images, decoded_finite
+from .checks import check_finite_images, decoded_finite, deterministic_items, fingerprint_files
 from .folders import ImageFolderDataset, MVTecDataset, list_images
 from .images import (
     IMAGE_EXTENSIONS,
@@ -30,6 +30,8 @@ __all__ = [
     "check_image_file",
     "decode_image",
     "decoded_finite",
+    "deterministic_items",
+    "fingerprint_files",
     "denormalize",
     "image_size_hw",
     "list_images",

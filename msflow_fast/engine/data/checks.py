@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-__all__ = ["check_finite_images", "decoded_finite"]
+__all__ = ["check_finite_images", "decoded_finite", "deterministic_items", "fingerprint_files"]
 
 
 def check_finite_images(images: torch.Tensor, paths: Any = None, where: str = "") -> torch.Tensor:
@@ -52,3 +56,23 @@ def decoded_finite(data: Any) -> bool:
     """
     dataset = data.dataset if isinstance(data, DataLoader) else data
     return bool(getattr(dataset, "images_are_finite", False))
+
+
+def deterministic_items(data: Any) -> bool:
+    """Whether ``data`` (a map-style Dataset) returns the same item for an index every time: no
+    random augmentation. A dataset says so with a true ``deterministic_items`` class attribute
+    (this module's datasets do); only then does ``fit(feature_cache="auto")`` cache features."""
+    return bool(getattr(data, "deterministic_items", False))
+
+
+def fingerprint_files(kind: str, settings: dict, files: Iterable[str | os.PathLike | None]) -> str:
+    """A sha256 hex digest of a dataset: its ``kind``, ``settings`` (JSON-able: split, size, pipeline
+    version, ...) and each file's path, size and modification time (``None``: no file)."""
+    digest = hashlib.sha256(json.dumps({"kind": kind, "settings": settings}, sort_keys=True, default=str).encode())
+    for path in files:
+        if path is None:
+            digest.update(b"-\n")
+            continue
+        stat = os.stat(path)
+        digest.update(f"{os.fspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()

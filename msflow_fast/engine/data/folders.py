@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..._sizes import image_size_hw
-from .images import IMAGE_EXTENSIONS, check_image_file, load_image, load_mask
+from .checks import fingerprint_files
+from .images import IMAGE_EXTENSIONS, PIPELINE_VERSION, check_image_file, load_image, load_mask
 
 __all__ = ["ImageFolderDataset", "MVTecDataset", "list_images"]
 
@@ -98,6 +99,7 @@ class MVTecDataset(Dataset):
     """
 
     images_are_finite = True
+    deterministic_items = True
 
     def __init__(self, root: str | os.PathLike, category: str | None = None, split: str = "train", input_size: int | tuple[int, int] = 512) -> None:
         if split not in ("train", "test"):
@@ -158,6 +160,13 @@ class MVTecDataset(Dataset):
                 problems.append(str(err))
         _report(problems, f"{self.base / self.split}")
 
+    def fingerprint(self) -> str:
+        """A digest of what the items are: split, input size, the image pipeline's version and
+        every image and mask file (path, size, modification time). Keys the feature cache."""
+        files = [f for path, mask_path, _, _ in self.samples for f in (path, mask_path)]
+        settings = {"split": self.split, "input_size": list(self.size_hw), "pipeline": PIPELINE_VERSION}
+        return fingerprint_files("MVTecDataset", settings, files)
+
     @property
     def labels(self) -> list[int]:
         return [s[2] for s in self.samples]
@@ -179,6 +188,7 @@ class ImageFolderDataset(Dataset):
     """Unlabelled images (a folder, or a list of files) for prediction; items have ``image`` and ``path``."""
 
     images_are_finite = True
+    deterministic_items = True
 
     def __init__(self, source: str | os.PathLike | list, input_size: int | tuple[int, int] = 512) -> None:
         input_size = image_size_hw(input_size)
@@ -196,6 +206,11 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def fingerprint(self) -> str:
+        """A digest of the items (input size, pipeline version, each file's path, size and time)."""
+        settings = {"input_size": list(image_size_hw(self.input_size)), "pipeline": PIPELINE_VERSION}
+        return fingerprint_files("ImageFolderDataset", settings, self.files)
 
     def unreadable(self) -> list[tuple[Path, str]]:
         """``(file, reason)`` for every file that does not open (header or checksum), without decoding."""

@@ -36,11 +36,15 @@ from ..._sizes import image_size_hw
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+PIPELINE_VERSION = 1
+"""Bumped whenever decoding, resizing or normalisation changes what an image becomes (a part of the
+datasets' fingerprints, so cached features of the old pipeline are never reused)."""
 
 _EIGHT_BIT = ("RGB", "L", "P", "1", "RGBA", "LA", "PA", "RGBX", "CMYK", "YCbCr")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 __all__ = [
+    "PIPELINE_VERSION",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",

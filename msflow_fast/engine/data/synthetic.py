@@ -12,9 +12,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import normalize
+from .checks import fingerprint_files
+from .images import PIPELINE_VERSION, normalize
 
 __all__ = ["SyntheticDefects", "write_synthetic_dataset"]
+
+SYNTHETIC_VERSION = 1
+"""Bumped whenever the generator changes the images a seed gives (part of the fingerprint)."""
 
 
 def _to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -111,6 +115,7 @@ class SyntheticDefects(Dataset):
     """
 
     images_are_finite = True
+    deterministic_items = True
 
     def __init__(self, split: str = "train", num_images: int = 32, input_size: int = 128, seed: int = 0) -> None:
         if split not in ("train", "test"):
@@ -121,6 +126,12 @@ class SyntheticDefects(Dataset):
 
     def __len__(self) -> int:
         return self.num_images
+
+    def fingerprint(self) -> str:
+        """A digest of what the items are (split, count, size, seed, generator version)."""
+        settings = {"split": self.split, "num_images": self.num_images, "input_size": self.input_size,
+                    "seed": self.seed, "generator": SYNTHETIC_VERSION, "pipeline": PIPELINE_VERSION}
+        return fingerprint_files("SyntheticDefects", settings, [])
 
     def is_anomalous(self, index: int) -> bool:
         return self.split == "test" and index % 2 == 1

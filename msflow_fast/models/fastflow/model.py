@@ -73,6 +73,7 @@ class FastFlow(AnomalyModel):
             pretrained=config.pretrained,
             input_size=config.input_size,
             vit_block=config.vit_block if backbone is None else None,
+            precision=config.backbone_precision,
         )
         height, width = config.input_size
         self.channels = list(self.extractor.channels)
@@ -123,33 +124,52 @@ class FastFlow(AnomalyModel):
 
     # ------------------------------------------------------------------ pipeline
 
-    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """The flows' inputs: backbone features ``[B, C_k, h_k, w_k]`` (no autograd), then the norms."""
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone features ``[B, C_k, h_k, w_k]`` in the flows' dtype (no autograd): the frozen part,
+        a pure function of the image (the norms after it train)."""
         self.check_images(images, check_finite=None)
         with torch.no_grad():
             feats = self.extractor(images)
         dtype = next(self.flows.parameters()).dtype
-        feats = [f.to(dtype) for f in feats]
-        if len(self.norms):
-            feats = [norm(f) for norm, f in zip(self.norms, feats)]
-        return feats
+        return [f.to(dtype) for f in feats]
 
-    def forward(self, images: torch.Tensor) -> FastFlowOutput:
-        """``images [B, 3, H, W]`` -> ``FastFlowOutput(latents, logdets)`` (one flow per stage)."""
+    def frozen_fingerprint(self) -> str:
+        """Digest of the extractor's state and the config (see :meth:`AnomalyModel.digest_frozen`)."""
+        return self.digest_frozen(self.extractor)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The flows' inputs: :meth:`frozen_features`, then the norms."""
+        return self.normalize(self.frozen_features(images))
+
+    def normalize(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The per-stage norms (trainable) on backbone features."""
+        if len(self.norms):
+            return [norm(f) for norm, f in zip(self.norms, features)]
+        return list(features)
+
+    def flows_of(self, features: list[torch.Tensor]) -> FastFlowOutput:
+        """One flow per stage on normalised features -> ``FastFlowOutput(latents, logdets)``."""
         latents, logdets = [], []
-        for flow, feature in zip(self.flows, self.features(images)):
+        for flow, feature in zip(self.flows, features):
             z, logdet = flow(feature)
             latents.append(z)
             logdets.append(logdet)
         return FastFlowOutput(latents, logdets)
 
+    def forward(self, images: torch.Tensor) -> FastFlowOutput:
+        """``images [B, 3, H, W]`` -> ``FastFlowOutput(latents, logdets)`` (one flow per stage)."""
+        return self.flows_of(self.features(images))
+
     def loss(self, batch: Any) -> torch.Tensor:
         """``sum_k mean_b (0.5 * sum z_k^2 - logdet_k)`` (nats, scalar), as anomalib's ``FastflowLoss``.
 
         Args:
-            batch: images ``[B, 3, H, W]`` or a batch dict (only ``"image"`` is read).
+            batch: images ``[B, 3, H, W]`` or a batch dict: ``"image"``, or ``"features"`` (cached
+                :meth:`frozen_features`) instead.
         """
-        latents, logdets = self(as_batch(batch)["image"])
+        batch = as_batch(batch)
+        raw = batch["features"] if "features" in batch else self.frozen_features(batch["image"])
+        latents, logdets = self.flows_of(self.normalize(list(raw)))
         total = None
         for z, logdet in zip(latents, logdets):
             stage = ops.gaussian_nll(z, logdet).mean()

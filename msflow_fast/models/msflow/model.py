@@ -95,6 +95,7 @@ class MSFlow(AnomalyModel):
             reflect_padding=config.reflect_padding and backbone is None,
             input_size=config.input_size,
             weights_tag=OFFICIAL_WEIGHTS.get(config.backbone),
+            precision=config.backbone_precision,
         )
         channels = self.extractor.channels
         if len(channels) != len(config.parallel_blocks):
@@ -161,13 +162,24 @@ class MSFlow(AnomalyModel):
         """
         return self.flows(self.features(images))
 
+    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """:meth:`features`: the pooled backbone features, a pure function of the image."""
+        return self.features(images)
+
+    def frozen_fingerprint(self) -> str:
+        """Digest of the extractor's state and the config (see :meth:`AnomalyModel.digest_frozen`)."""
+        return self.digest_frozen(self.extractor)
+
     def loss(self, batch: Any) -> torch.Tensor:
         """Official training loss: mean over the batch of ``sum_k 0.5 * sum z_k^2 - logdet`` (nats, scalar).
 
         Args:
-            batch: images ``[B, 3, H, W]`` or a batch dict (only ``"image"`` is read).
+            batch: images ``[B, 3, H, W]`` or a batch dict: ``"image"``, or ``"features"`` (cached
+                :meth:`frozen_features`) instead.
         """
-        latents, logdet = self(as_batch(batch)["image"])
+        batch = as_batch(batch)
+        features = batch["features"] if "features" in batch else self.features(batch["image"])
+        latents, logdet = self.flows(list(features))
         nll = ops.gaussian_nll(latents[0], logdet)
         for z in latents[1:]:
             nll = nll + ops.gaussian_nll(z, torch.zeros_like(logdet))
