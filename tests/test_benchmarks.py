@@ -172,6 +172,20 @@ def test_epoch_suite_smoke(out_dir):
     _check_markdown(md, "epoch", rows)
 
 
+def test_csflow_suite_smoke(out_dir):
+    """The CS-Flow suite: anomalib's eager CrossScaleFlow against msflow_fast on the same weights."""
+    code, rows, md = _run(out_dir, "csflow")
+    assert code == 0 and "## Errors" not in md, md
+    _check_rows(rows, "csflow", "anomalib")
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("anomalib", "msflow_fast") for m in ("train step", "infer flows+head", "infer with backbone")
+    ]
+    for r in rows:
+        assert r["dtype"] == "float32" and r["shape"] == "B2 128px hidden 32", r
+        assert re.fullmatch(r"[\d.]+ img/s", r["extra"]), r["extra"]
+    _check_markdown(md, "csflow", rows)
+
+
 def test_time_budget_stops_and_says_so(tmp_path):
     code, rows, md = _run(tmp_path, "kernels", "--time-budget", "0")
     assert code == bench_run.EXIT_BUDGET and rows == []

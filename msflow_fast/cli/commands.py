@@ -132,8 +132,13 @@ def _grad_clip(text: str) -> float | bool:
 
 def _add_common(p: argparse.ArgumentParser, *, data: bool, batch_default: int | None = 8) -> None:
     if data:
-        p.add_argument("--data", required=True, help="dataset root in the MVTec AD layout (MVTec AD, BTAD, VisA 1cls, ...)")
-        p.add_argument("--category", default=None, help="class folder under --data (e.g. bottle); omit if --data is the class folder")
+        p.add_argument("--data", required=True, help="dataset root in the MVTec AD layout (MVTec AD, VisA 1cls, ...) or the BTAD layout (BTech_Dataset_transformed)")
+        p.add_argument("--category", default=None, help="class folder under --data (e.g. bottle, or BTAD's 01); omit if --data is the class folder")
+        p.add_argument(
+            "--layout", choices=["auto", "mvtec", "btad"], default="auto",
+            help="folder layout: mvtec (train/good, test/<defect>), btad (train/ok, test/ok, test/ko) or auto "
+            "(the default: from the good/ or ok/ folders)",
+        )
     if batch_default is not None:
         p.add_argument("--batch-size", type=_positive_int, default=batch_default, help=f"images per batch (default: {batch_default})")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
@@ -241,10 +246,10 @@ def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps
 
     device = _device(args.device)
     input_size = model.input_size
-    train_set = MVTecDataset(args.data, args.category, "train", input_size=input_size)
+    train_set = MVTecDataset(args.data, args.category, "train", input_size=input_size, layout=args.layout)
     test_set = None
     if not args.no_eval:
-        test_set = MVTecDataset(args.data, args.category, "test", input_size=input_size)
+        test_set = MVTecDataset(args.data, args.category, "test", input_size=input_size, layout=args.layout)
     # Before epoch 1: every image and mask opens, masks fit their images (not hours later, at evaluation).
     train_set.check_files()
     if test_set is not None:
@@ -374,7 +379,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     device = _device(args.device)
     model, state = _model_from_checkpoint(args.checkpoint, device)
     out = Path(args.out) if args.out else Path(state["path"]).parent
-    test_set = MVTecDataset(args.data, args.category, "test", input_size=model.input_size)
+    test_set = MVTecDataset(args.data, args.category, "test", input_size=model.input_size, layout=args.layout)
     test_set.check_files()
     with RunLock(out, "evaluation"):
         metrics = evaluate(model, test_set, batch_size=args.batch_size, num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, out_dir=out, heatmaps=args.heatmaps, progress=not args.no_progress)
@@ -470,11 +475,83 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _add_models(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--verbose", action="store_true", help="also print each model's class and recipe")
+    p.add_argument(
+        "--flops", action="store_true",
+        help="instead of the list, measure each model: parameters and GFLOPs per image (whole model, frozen backbone, "
+        "flows + head, training step) of its default config with random weights (no download), on the CPU",
+    )
+    p.add_argument(
+        "--input-size", type=_positive_int, default=None, metavar="N",
+        help="with --flops: measure at N x N pixels (default: each model's config input size)",
+    )
+    p.add_argument(
+        "--model", nargs="+", default=None, metavar="NAME",
+        help="with --flops: the registered models to measure (default: all of them)",
+    )
+
+
+_FLOPS_NOTE = """\
+GFLOPs: 1e9 FLOPs per image; FLOPs = 2 x the multiply-adds of convolutions and matrix products, as
+torch.utils.flop_counter counts them (elementwise, norm and gather ops count 0); random weights, float32,
+fast paths off. backbone: the frozen part (frozen_features); flows+head: the rest of predict;
+train step: forward + backward of the loss on cached backbone features."""
+
+
+def _measured_model(cls: type, input_size: int | None) -> Any:
+    """``cls`` with its default config, random weights (``pretrained=False`` where the config has it)
+    and ``input_size`` (where given and the config has the field), on the CPU in float32."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    overrides: dict[str, Any] = {}
+    if "pretrained" in fields:
+        overrides["pretrained"] = False
+    if input_size is not None and "input_size" in fields:
+        overrides["input_size"] = input_size
+    return cls(cls.make_config(None, **overrides))
+
+
+def _run_flops(args: argparse.Namespace) -> int:
+    from msflow_fast.models import complexity, registry
+
+    names = list(dict.fromkeys(args.model or registry.available()))
+    classes = [registry.get(name) for name in names]  # an unknown name fails before anything is built
+    width = max(len("model"), *(len(name) for name in names))
+
+    def giga(flops: float | None) -> str:
+        return "-" if flops is None else f"{flops / 1e9:.2f}"
+
+    for row, (name, cls) in enumerate(zip(names, classes)):
+        try:
+            model = _measured_model(cls, args.input_size)
+            report = complexity.measure(model, args.input_size)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name}: {err}") from None
+        if row == 0:  # after the first model: a bad size is then one error line, no table
+            print(f"{'':<{width}}  {'':>9}  {'parameters (M)':^18}  {'GFLOPs per image':^42}".rstrip())
+            print(
+                f"{'model':<{width}}  {'input':>9}  {'total':>7}  {'trainable':>9}  {'model':>8}  {'backbone':>8}  "
+                f"{'flows+head':>10}  {'train step':>10}"
+            )
+        height, width_px = report.input_size
+        print(
+            f"{name:<{width}}  {f'{height}x{width_px}':>9}  {report.parameters / 1e6:>7.2f}  "
+            f"{report.trainable_parameters / 1e6:>9.2f}  {giga(report.predict_flops):>8}  {giga(report.frozen_flops):>8}  "
+            f"{giga(report.rest_flops):>10}  {giga(report.train_step_flops):>10}",
+            flush=True,
+        )
+        del model
+    print(_FLOPS_NOTE)
+    return 0
 
 
 def _run_models(args: argparse.Namespace) -> int:
     from msflow_fast.models import registry
 
+    if args.flops:
+        return _run_flops(args)
+    if args.input_size is not None or args.model is not None:
+        raise ValueError("--input-size and --model choose what --flops measures; add --flops (msflow-fast models --flops --model NAME)")
     rows = registry.describe()
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -495,5 +572,5 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser, str], None], C
     "eval": ("evaluate a checkpoint on a test split: image AUROC, pixel AUROC, AUPRO", _add_eval, _run_eval),
     "predict": ("score images and write heat-map overlays (PNG) and scores.csv", _add_predict, _run_predict),
     "demo": ("generate a synthetic defect dataset, train a small model on CPU, evaluate, write heat maps", _add_demo, _run_demo),
-    "models": ("list the registered models, one line each", _add_models, _run_models),
+    "models": ("list the registered models, one line each (--flops: their parameters and FLOPs)", _add_models, _run_models),
 }

@@ -5,9 +5,13 @@
 - :mod:`.registry`: models by name (``register``, ``get``, ``create``, ``available``).
 - :mod:`.checkpoint`: one checkpoint format for every model (``save``, ``read``, ``load_model``).
 - :mod:`.export`: ``torch.export`` / ONNX of any model's ``predict``.
+- :mod:`.complexity`: parameters and FLOPs of any model (``msflow-fast models --flops``).
 - :mod:`.extractor`, :mod:`.positional`: the frozen feature extractor and the 2-D positional encoding.
 - :mod:`.msflow`: MSFlow (TNNLS 2024).
 - :mod:`.fastflow`: FastFlow (Yu et al. 2021), as anomalib 2.7 computes it.
+- :mod:`.csflow`: CS-Flow (Rudolph et al. 2022), as its official code computes it.
+- :mod:`.msflow_aas`: MS-Flow (Mao et al., Acta Automatica Sinica 2024), an interpretation from its
+  abstract (its code is not public); not MSFlow (TNNLS 2024).
 
 Importing this package registers every model in it.
 """
@@ -22,18 +26,24 @@ from .extractor import FeatureExtractor, use_reflect_padding
 from .positional import PositionalEncoding2d, positional_encoding_2d
 from .registry import available, create, get, register
 
-from . import fastflow, msflow  # noqa: E402  (registers "fastflow", "msflow")
+from . import csflow, fastflow, msflow, msflow_aas  # noqa: E402  (registers "csflow", "fastflow", "msflow", "msflow_aas")
+from .csflow import CSFlow, CSFlowConfig  # noqa: E402
 from .fastflow import FastFlow, FastFlowConfig  # noqa: E402
 from .msflow import MSFlow, MSFlowConfig  # noqa: E402
+from .msflow_aas import MSFlowAAS, MSFlowAASConfig  # noqa: E402
 
 __all__ = [
     "METRICS",
     "AnomalyModel",
+    "CSFlow",
+    "CSFlowConfig",
     "FastFlow",
     "FastFlowConfig",
     "FeatureExtractor",
     "LRSchedule",
     "MSFlow",
+    "MSFlowAAS",
+    "MSFlowAASConfig",
     "MSFlowConfig",
     "ModelConfig",
     "PositionalEncoding2d",
@@ -45,6 +55,7 @@ __all__ = [
     "available",
     "checkpoint_state",
     "create",
+    "csflow",
     "export_onnx",
     "export_predict",
     "fastflow",
@@ -52,6 +63,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "msflow",
+    "msflow_aas",
     "output_names",
     "positional_encoding_2d",
     "read",

@@ -117,6 +117,34 @@ class ViTTokenMaps(nn.Module):
         return f"block={self.block}, patch={self.patch}"
 
 
+class CNNBlockMap(nn.Module):
+    """The output of a timm EfficientNet-family CNN (``conv_stem``, ``bn1``, ``blocks``) after its
+    stage ``block`` (0-based index into ``blocks``), as one map (CS-Flow's EfficientNet-B5 stage-6
+    features: ``block=5``, 304 channels at stride 32). The later stages and the head are dropped;
+    ``state_dict`` keys are the timm model's (``conv_stem.*``, ``bn1.*``, ``blocks.{i}.*``).
+    """
+
+    def __init__(self, model: nn.Module, block: int) -> None:
+        super().__init__()
+        blocks = getattr(model, "blocks", None)
+        if not all(hasattr(model, name) for name in ("conv_stem", "bn1")) or not isinstance(blocks, nn.Sequential):
+            raise ValueError(
+                f"cnn_block needs a timm EfficientNet-family model (conv_stem, bn1, blocks); {type(model).__name__} is not one"
+            )
+        if not 0 <= block < len(blocks):
+            raise ValueError(f"cnn_block must be in 0..{len(blocks) - 1} for this model ({len(blocks)} stages), got {block}")
+        self.block = int(block)
+        self.conv_stem = model.conv_stem
+        self.bn1 = model.bn1
+        self.blocks = blocks[: block + 1]
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [self.blocks(self.bn1(self.conv_stem(images)))]
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}"
+
+
 BACKBONE_PRECISIONS = ("float32", "bfloat16")
 """The backbone precisions. ``"bfloat16"`` moves the backbone's features by about 0.2-0.5 % (relative
 L2, resnet18 / wide_resnet50_2 at 256 px, random weights); its effect on scores is measured in
@@ -137,6 +165,8 @@ class FeatureExtractor(nn.Module):
             runs at 128 px, or at this size if the backbone needs it (ViTs).
         vit_block: for a timm vision-transformer name: the token maps after this block
             (:class:`ViTTokenMaps`; FastFlow: 7 for DeiT, 40 for CaiT), built for ``input_size``.
+        cnn_block: for a timm EfficientNet-family name: the one map after this stage
+            (:class:`CNNBlockMap`; CS-Flow: 5, EfficientNet-B5's stage 6); ``out_indices`` is then ignored.
         weights_tag: the timm pretrained tag to load (``name.tag``), ``None`` for timm's default for
             the name (MSFlow asks ``tv_in1k``, torchvision's weights, for wide_resnet50_2).
         precision: ``"float32"`` or ``"bfloat16"``: the backbone's compute precision. bf16 runs it
@@ -168,6 +198,7 @@ class FeatureExtractor(nn.Module):
         in_channels: int = 3,
         input_size: Sequence[int] | None = None,
         vit_block: int | None = None,
+        cnn_block: int | None = None,
         weights_tag: str | None = None,
         precision: str = "float32",
         channels_last: bool = True,
@@ -185,7 +216,11 @@ class FeatureExtractor(nn.Module):
             name = f"{backbone}.{weights_tag}" if pretrained and weights_tag and "." not in backbone else backbone
             self.name = name
             self.source = "pretrained" if pretrained else "random"
-            if vit_block is None:
+            if vit_block is not None and cnn_block is not None:
+                raise ValueError("pass vit_block or cnn_block, not both")
+            if cnn_block is not None:
+                self.backbone = CNNBlockMap(_create_timm(timm, name, (), pretrained, num_classes=0), cnn_block)
+            elif vit_block is None:
                 self.backbone = _create_timm(timm, name, tuple(out_indices), pretrained)
             else:
                 options = {"img_size": tuple(int(v) for v in input_size)} if input_size is not None else {"num_classes": 0}
@@ -258,4 +293,4 @@ class FeatureExtractor(nn.Module):
         return f"name={self.name!r}, channels={self.channels}, strides={self.strides}{extra}"
 
 
-__all__ = ["BACKBONE_PRECISIONS", "FeatureExtractor", "ViTTokenMaps", "use_reflect_padding"]
+__all__ = ["BACKBONE_PRECISIONS", "CNNBlockMap", "FeatureExtractor", "ViTTokenMaps", "use_reflect_padding"]

@@ -38,15 +38,20 @@ class ChannelPermutation(nn.Module):
     """Fixed random channel permutation (FrEIA ``PermuteRandom``): ``y[:, i] = x[:, perm[i]]``, log-det 0.
 
     ``state_dict`` keys ``perm`` and ``perm_inv`` (int64 ``[C]``), as FrEIA. The permutation is
-    drawn with ``np.random.permutation`` (seed with ``np.random.seed`` or pass ``seed``).
+    ``perm`` when given, else drawn with ``np.random.permutation`` (seed with ``np.random.seed`` or
+    pass ``seed``).
     """
 
-    def __init__(self, channels: int, seed: int | None = None) -> None:
+    def __init__(self, channels: int, seed: int | None = None, perm: torch.Tensor | np.ndarray | None = None) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
-        rng = np.random if seed is None else np.random.RandomState(seed)
-        perm = torch.as_tensor(rng.permutation(channels), dtype=torch.int64)
+        if perm is None:
+            rng = np.random if seed is None else np.random.RandomState(seed)
+            perm = rng.permutation(channels)
+        perm = torch.as_tensor(perm, dtype=torch.int64).flatten()
+        if perm.numel() != channels or not torch.equal(torch.sort(perm).values, torch.arange(channels)):
+            raise ValueError(f"perm must be a permutation of 0..{channels - 1}, got {perm.tolist()[:8]}...")
         self.register_buffer("perm", perm)
         self.register_buffer("perm_inv", ops.reference.invert_permutation(perm))
 

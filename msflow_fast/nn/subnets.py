@@ -1,11 +1,13 @@
-"""Coupling subnetworks: MSFlow's parallel-flow ``subnet_conv_ln`` and fusion ``FusionSTNets``, and
-FastFlow's Conv-ReLU-Conv ``SubnetConvReLU``.
+"""Coupling subnetworks: MSFlow's parallel-flow ``subnet_conv_ln`` and fusion ``FusionSTNets``,
+FastFlow's Conv-ReLU-Conv ``SubnetConvReLU`` and CS-Flow's three-scale ``CrossConvolutions``.
 
 Parameter names follow the authors' checkpoints so their weights load directly:
 ``conv1``/``ln``/``conv2`` for :class:`SubnetConvLN` and ``cross_convs.{conv1,norm,conv2}``,
 ``conv_s.{k}``/``conv_t.{k}`` for :class:`FusionSTNets` (MSFLOW_SPEC.md §1.14); ``0``/``2`` for
 :class:`SubnetConvReLU` (an ``nn.Sequential`` of conv, ReLU, conv, as anomalib 2.7 and
-gathierry/FastFlow store it).
+gathierry/FastFlow store it); ``conv_scale{k}_{0,1}``, ``up_conv10``, ``up_conv21``,
+``down_conv01``, ``down_conv12`` and ``gamma{k}`` for :class:`CrossConvolutions` (CS-Flow's and
+anomalib 2.7's names).
 """
 
 from __future__ import annotations
@@ -231,9 +233,93 @@ def subnet_conv_relu(kernel_size: int, hidden_ratio: float):
     return make
 
 
+class CrossConvolutions(InferenceCachedModule):
+    """CS-Flow's subnet over three scales at once (Rudolph et al., WACV 2022): per scale a conv,
+    LeakyReLU and a second conv, plus cross-scale terms from the neighbouring scales.
+
+    With ``h_k = LeakyReLU(conv_scale{k}_0(x_k))`` (scale 0 the finest, each next one half its size):
+
+    - ``o_0 = conv_scale0_1(h_0) + up_conv10(Up(h_1))``
+    - ``o_1 = conv_scale1_1(h_1) + down_conv01(h_0) + up_conv21(Up(h_2))``
+    - ``o_2 = conv_scale2_1(h_2) + down_conv12(h_1)``
+
+    then ``o_k *= gamma_k`` (learnable scalars initialised to 0, so a coupling built on this subnet
+    starts as the identity). ``Up`` is bilinear x2 (``align_corners=False``), ``down_conv*`` have
+    stride 2; every conv has ``kernel_size``, zero "same" padding and a bias. With :attr:`fast_paths`
+    the stride-1 3x3 convolutions run by Winograd at CPU inference (:func:`msflow_fast.ops.conv3x3`).
+
+    Args:
+        in_channels: channels of every input scale.
+        channels: output channels per scale (``2 * C_half`` for an affine coupling: scale, shift).
+        channels_hidden: hidden width (CS-Flow: 1024).
+        kernel_size: odd kernel size (CS-Flow: 3, and 5 in its last block).
+        leaky_slope: LeakyReLU slope (0.1).
+        use_gamma: multiply the outputs by the learnable ``gamma_k``.
+    """
+
+    def __init__(
+        self, in_channels: int, channels: int, channels_hidden: int = 512, kernel_size: int = 3,
+        leaky_slope: float = 0.1, use_gamma: bool = True,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, channels, channels_hidden) < 1:
+            raise ValueError(f"CrossConvolutions needs positive widths, got in={in_channels}, out={channels}, hidden={channels_hidden}")
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size!r}")
+        pad = kernel_size // 2
+        self.kernel_size = int(kernel_size)
+        self.leaky_slope = float(leaky_slope)
+        self.use_gamma = bool(use_gamma)
+        for k in range(3):
+            self.register_parameter(f"gamma{k}", nn.Parameter(torch.zeros(1)))
+        for k in range(3):
+            self.add_module(f"conv_scale{k}_0", nn.Conv2d(in_channels, channels_hidden, kernel_size, padding=pad))
+        for k in range(3):
+            self.add_module(f"conv_scale{k}_1", nn.Conv2d(channels_hidden, channels, kernel_size, padding=pad))
+        self.up_conv10 = nn.Conv2d(channels_hidden, channels, kernel_size, padding=pad)
+        self.up_conv21 = nn.Conv2d(channels_hidden, channels, kernel_size, padding=pad)
+        self.down_conv01 = nn.Conv2d(channels_hidden, channels, kernel_size, padding=pad, stride=2)
+        self.down_conv12 = nn.Conv2d(channels_hidden, channels, kernel_size, padding=pad, stride=2)
+
+    def _conv(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        conv = getattr(self, name)
+        return self._conv_module(name, x, conv) if self.kernel_size == 3 else conv(x)
+
+    def forward(self, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[x_0, x_1, x_2]`` (``[B, in, H / 2^k, W / 2^k]``) -> ``[o_0, o_1, o_2]`` (``[B, channels, ...]``)."""
+        if len(xs) != 3:
+            raise ValueError(f"CrossConvolutions takes 3 scales, got {len(xs)}")
+        hidden = [F.leaky_relu(self._conv(f"conv_scale{k}_0", x), self.leaky_slope) for k, x in enumerate(xs)]
+        up = [F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False) for h in hidden[1:]]
+        out0 = self._conv("conv_scale0_1", hidden[0]) + self._conv("up_conv10", up[0])
+        out1 = self._conv("conv_scale1_1", hidden[1]) + self.down_conv01(hidden[0]) + self._conv("up_conv21", up[1])
+        out2 = self._conv("conv_scale2_1", hidden[2]) + self.down_conv12(hidden[1])
+        outs = [out0, out1, out2]
+        if self.use_gamma:
+            outs = [o * g for o, g in zip(outs, (self.gamma0, self.gamma1, self.gamma2))]
+        return outs
+
+
+def cross_convolutions(channels_hidden: int, kernel_size: int, leaky_slope: float = 0.1, use_gamma: bool = True):
+    """A subnet constructor ``f(in_channels_list, out_channels_list)`` for
+    :class:`~msflow_fast.nn.FusionCouplingLayer` building :class:`CrossConvolutions` (CS-Flow's
+    coupling: every scale has the same widths; the constructor is given ``[in] * 3`` and ``[out] * 3``
+    and makes ``2 * out`` output channels, scale then shift)."""
+
+    def make(in_channels_list: Sequence[int], out_channels_list: Sequence[int]) -> CrossConvolutions:
+        ins, outs = set(int(c) for c in in_channels_list), set(int(c) for c in out_channels_list)
+        if len(in_channels_list) != 3 or len(ins) != 1 or len(outs) != 1:
+            raise ValueError(
+                f"CrossConvolutions needs 3 scales of equal width, got in={list(in_channels_list)}, out={list(out_channels_list)}"
+            )
+        return CrossConvolutions(ins.pop(), 2 * outs.pop(), channels_hidden, kernel_size, leaky_slope, use_gamma)
+
+    return make
+
+
 def _stacked(conv_s: nn.Conv2d, conv_t: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of one conv computing ``[conv_s(x), conv_t(x)]``."""
     return torch.cat([conv_s.weight, conv_t.weight], dim=0), torch.cat([conv_s.bias, conv_t.bias], dim=0)
 
 
-__all__ = ["FusionCrossConvs", "FusionSTNets", "SubnetConvLN", "SubnetConvReLU", "subnet_conv_ln", "subnet_conv_relu"]
+__all__ = ["CrossConvolutions", "FusionCrossConvs", "FusionSTNets", "SubnetConvLN", "SubnetConvReLU", "cross_convolutions", "subnet_conv_ln", "subnet_conv_relu"]

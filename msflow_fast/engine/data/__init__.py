@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..._sizes import image_size_hw
 from .checks import check_finite_images, decoded_finite, deterministic_items, fingerprint_files
-from .folders import ImageFolderDataset, MVTecDataset, list_images
+from .folders import LAYOUTS, ImageFolderDataset, MVTecDataset, detect_layout, list_images
 from .images import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
@@ -24,12 +24,14 @@ __all__ = [
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
+    "LAYOUTS",
     "MVTecDataset",
     "SyntheticDefects",
     "check_finite_images",
     "check_image_file",
     "decode_image",
     "decoded_finite",
+    "detect_layout",
     "deterministic_items",
     "fingerprint_files",
     "denormalize",

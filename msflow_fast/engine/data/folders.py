@@ -1,5 +1,6 @@
-"""Datasets of image folders: the MVTec AD layout (also BTAD, VisA "1cls", any folder that follows
-it) and plain folders of images for prediction.
+"""Datasets of image folders: the MVTec AD layout (also VisA "1cls" and any folder that follows it),
+the BTAD layout (normal images in ``ok/``, anomalous ones in ``ko/``) and plain folders of images for
+prediction.
 
 Every item is a dict:
 
@@ -9,7 +10,8 @@ Every item is a dict:
 - ``mask``: bool ``[H, W]``, resized with NEAREST (binarised as :func:`.images.load_mask` says); all
   ``False`` for normal images.
 - ``label``: int, 0 normal, 1 anomalous.
-- ``path``: str, the image file; ``defect``: str, the defect folder name.
+- ``path``: str, the image file; ``defect``: str, the image's folder name (``good`` / ``ok`` for
+  normal images).
 
 Bad files and folders raise errors that name them: ``FileNotFoundError`` for missing folders and
 masks, ``ValueError`` for empty folders, unreadable or truncated images and mask/image size
@@ -32,7 +34,7 @@ from ..._sizes import image_size_hw
 from .checks import fingerprint_files
 from .images import IMAGE_EXTENSIONS, PIPELINE_VERSION, check_image_file, load_image, load_mask
 
-__all__ = ["ImageFolderDataset", "MVTecDataset", "list_images"]
+__all__ = ["LAYOUTS", "ImageFolderDataset", "MVTecDataset", "detect_layout", "list_images"]
 
 _SHOWN = 10
 
@@ -62,48 +64,136 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------------------------
-# MVTec layout
+# MVTec AD and BTAD layouts
 # ----------------------------------------------------------------------------------------------
 
+LAYOUTS = {"mvtec": "good", "btad": "ok"}
+"""The folder layouts :class:`MVTecDataset` reads, each with the name of its normal-image folder
+(under ``train/`` and ``test/``); every other folder under ``test/`` holds anomalous images whose
+masks are in ``ground_truth/<that folder>/``."""
 
-def _find_mask(gt_dir: Path, image: Path) -> Path:
+_LAYOUT_NAMES = {"mvtec": "MVTec AD", "btad": "BTAD"}
+_LAYOUT_SHAPES = {
+    "mvtec": "train/good/, test/good/, test/<defect>/, ground_truth/<defect>/",
+    "btad": "train/ok/, test/ok/, test/ko/, ground_truth/ko/",
+}
+_SPLITS = ("train", "test")
+
+
+def _expected_layouts() -> str:
+    return "; ".join(f"the {_LAYOUT_NAMES[k]} layout {_LAYOUT_SHAPES[k]}" for k in LAYOUTS)
+
+
+def detect_layout(folder: str | os.PathLike) -> str | None:
+    """The layout of a category folder from its normal-image folders: ``"mvtec"`` when
+    ``train/good`` or ``test/good`` exists, ``"btad"`` when ``train/ok`` or ``test/ok`` does, ``None``
+    when neither does.
+
+    Raises:
+        ValueError: the folder holds both (``good/`` and ``ok/``): the layout must be given.
+    """
+    folder = Path(folder)
+    found = [k for k, normal in LAYOUTS.items() if any((folder / split / normal).is_dir() for split in _SPLITS)]
+    if len(found) > 1:
+        names = " and ".join(f"{LAYOUTS[k]}/ ({_LAYOUT_NAMES[k]})" for k in found)
+        raise ValueError(
+            f"cannot tell the layout of {folder}: it holds both {names} normal-image folders under train/ or test/; "
+            f"pass layout={found[0]!r} or layout={found[1]!r} (CLI: --layout), or remove the folder that does not belong"
+        )
+    return found[0] if found else None
+
+
+def _mask_index(gt_dir: Path) -> dict[str, list[Path]]:
+    """The image files in ``gt_dir`` by lower-cased stem (one directory listing for all masks)."""
+    index: dict[str, list[Path]] = {}
+    for p in gt_dir.iterdir():
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            index.setdefault(p.stem.lower(), []).append(p)
+    return index
+
+
+_MASK_EXTENSION_ORDER = {ext: i for i, ext in enumerate((".png",) + tuple(e for e in IMAGE_EXTENSIONS if e != ".png"))}
+
+
+def _find_mask(gt_dir: Path, image: Path, index: dict[str, list[Path]] | None = None) -> Path:
+    """The mask of the anomalous ``image`` in ``gt_dir``: ``<stem>_mask.<ext>`` (MVTec AD) or
+    ``<stem>.<ext>`` (BTAD, VisA), any image extension in any letter case, ``.png`` first.
+
+    Raises:
+        FileNotFoundError: no such file (naming the image and where the mask was looked for).
+    """
+    index = _mask_index(gt_dir) if index is None else index
     stem = image.stem
     for name in (stem + "_mask", stem):
-        for ext in (".png",) + tuple(e for e in IMAGE_EXTENSIONS if e != ".png"):
-            candidate = gt_dir / (name + ext)
-            if candidate.is_file():
-                return candidate
+        candidates = index.get(name.lower(), [])
+        exact = [p for p in candidates if p.stem == name] or candidates
+        if exact:
+            return min(exact, key=lambda p: (_MASK_EXTENSION_ORDER[p.suffix.lower()], p.name))
     raise FileNotFoundError(
-        f"missing mask for defect image {image}: looked for {gt_dir / (stem + '_mask.png')} "
-        f"or {gt_dir / (stem + '.png')}"
+        f"missing mask for defect image {image}: looked for {gt_dir / (stem + '_mask.png')} or "
+        f"{gt_dir / (stem + '.png')} (or another image extension: {', '.join(IMAGE_EXTENSIONS)}); add the mask, "
+        "or move the image out of the test split"
     )
 
 
+def _category_hint(base: Path) -> str:
+    """A hint to pass ``--category`` when ``base`` is a dataset root (its folders hold train/ or test/), else ``""``."""
+    categories = sorted(p.name for p in base.iterdir() if p.is_dir() and any((p / split).is_dir() for split in _SPLITS))
+    if not categories:
+        return ""
+    shown = ", ".join(categories[:10]) + (", ..." if len(categories) > 10 else "")
+    return f"; {base} looks like a dataset root holding the categories {shown}: pass --category (category=) one of them"
+
+
 class MVTecDataset(Dataset):
-    """A category of a dataset in the MVTec AD folder layout.
+    """A category of a dataset in the MVTec AD or the BTAD folder layout.
 
-    Layout (``root/category`` or, with ``category=None``, ``root`` itself)::
+    Layouts (of ``root/category`` or, with ``category=None``, ``root`` itself)::
 
-        train/good/*.png
-        test/good/*.png                    normal test images (no masks)
-        test/<defect>/*.png                anomalous test images
-        ground_truth/<defect>/<name>_mask.png   (or <name>.png, as in VisA "1cls" and BTAD)
+        MVTec AD                                  BTAD
+        train/good/*.png                          train/ok/*.bmp|*.png
+        test/good/*.png     normal test images    test/ok/*
+        test/<defect>/*.png anomalous images      test/ko/*
+        ground_truth/<defect>/<name>_mask.png     ground_truth/ko/<name>.png|.bmp
 
-    Works for MVTec AD, BTAD, VisA in the "1cls" layout and any folder that follows it.
+    A mask is ``<name>_mask`` or ``<name>`` with any image extension (VisA "1cls" and BTAD name masks
+    as their images; BTAD's product 03 stores them as .bmp). Normal images (``good`` / ``ok``) have
+    label 0 and an all-false mask; images in every other ``test/`` folder label 1 and need a mask
+    (a missing one raises). Images of any size and aspect (BTAD 03 is 800x600) are resized to
+    ``input_size`` as they are, without cropping.
+
+    Works for MVTec AD, BTAD (``BTech_Dataset_transformed/01`` ...), VisA in the "1cls" layout and any
+    folder that follows one of the layouts.
 
     Args:
-        root: dataset root (e.g. ``data/MVTec``).
-        category: class folder under ``root`` (e.g. ``"bottle"``), or ``None``.
+        root: dataset root (e.g. ``data/MVTec`` or ``data/BTech_Dataset_transformed``).
+        category: class folder under ``root`` (e.g. ``"bottle"``, ``"01"``), or ``None``.
         split: ``"train"`` or ``"test"``.
         input_size: size the model sees: an int S (square) or ``(H, W)`` (pixels).
+        layout: ``"mvtec"``, ``"btad"`` or ``"auto"`` (the default): found from the normal-image
+            folders (``good/`` or ``ok/`` under ``train/`` or ``test/``, :func:`detect_layout`); a test
+            split with neither reads every folder as anomalous, as MVTec AD does.
+
+    Raises:
+        FileNotFoundError: a missing root, category, split, normal-image or ground-truth folder, or mask.
+        ValueError: an empty folder, a bad argument, or a folder with both ``good/`` and ``ok/``.
     """
 
     images_are_finite = True
     deterministic_items = True
 
-    def __init__(self, root: str | os.PathLike, category: str | None = None, split: str = "train", input_size: int | tuple[int, int] = 512) -> None:
-        if split not in ("train", "test"):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        category: str | None = None,
+        split: str = "train",
+        input_size: int | tuple[int, int] = 512,
+        layout: str = "auto",
+    ) -> None:
+        if split not in _SPLITS:
             raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+        if layout != "auto" and layout not in LAYOUTS:
+            raise ValueError(f"layout: expected 'auto', {', '.join(repr(k) for k in LAYOUTS)}, got {layout!r}")
         self.size_hw = image_size_hw(input_size)
         root = Path(root)
         if not root.is_dir():
@@ -113,27 +203,51 @@ class MVTecDataset(Dataset):
             raise FileNotFoundError(f"category folder not found: {base} (check --data and --category)")
         split_dir = base / split
         if not split_dir.is_dir():
-            raise FileNotFoundError(f"split folder not found: {split_dir} (expected the MVTec AD layout {split}/good, ...)")
+            raise FileNotFoundError(
+                f"split folder not found: {split_dir} (expected {_expected_layouts()}){_category_hint(base)}"
+            )
+        if layout == "auto":
+            layout = detect_layout(base)
+            if layout is None:
+                if split == "train":
+                    raise FileNotFoundError(
+                        f"no train/good or train/ok folder under {base}: expected {_expected_layouts()}"
+                        f"{_category_hint(base)}"
+                    )
+                layout = "mvtec"
+        normal = LAYOUTS[layout]
         self.root, self.category, self.split, self.input_size = root, category, split, self.size_hw
-        self.base = base
+        self.base, self.layout = base, layout
         self.samples: list[tuple[Path, Path | None, int, str]] = []
         if split == "train":
-            for path in list_images(split_dir / "good"):
-                self.samples.append((path, None, 0, "good"))
+            if not (split_dir / normal).is_dir():
+                raise FileNotFoundError(
+                    f"no train/{normal} folder under {base}: the {_LAYOUT_NAMES[layout]} layout keeps the normal training "
+                    f"images there ({_LAYOUT_SHAPES[layout]})"
+                )
+            for path in list_images(split_dir / normal):
+                self.samples.append((path, None, 0, normal))
         else:
-            defects = sorted(p for p in split_dir.iterdir() if p.is_dir())
-            if not defects:
-                raise ValueError(f"empty folder: {split_dir} holds no defect-type folder (expected good/ and <defect>/)")
-            for defect_dir in defects:
-                defect = defect_dir.name
-                images = list_images(defect_dir)
-                if defect == "good":
+            folders = sorted(p for p in split_dir.iterdir() if p.is_dir())
+            if not folders:
+                raise ValueError(
+                    f"empty folder: {split_dir} holds no image folder (expected {normal}/ for normal images and a folder "
+                    f"of anomalous ones, as in the {_LAYOUT_NAMES[layout]} layout {_LAYOUT_SHAPES[layout]})"
+                )
+            for folder in folders:
+                defect = folder.name
+                images = list_images(folder)
+                if defect == normal:
                     self.samples.extend((p, None, 0, defect) for p in images)
                     continue
                 gt_dir = base / "ground_truth" / defect
                 if not gt_dir.is_dir():
-                    raise FileNotFoundError(f"ground-truth folder not found: {gt_dir} (needed for the images in {defect_dir})")
-                self.samples.extend((p, _find_mask(gt_dir, p), 1, defect) for p in images)
+                    raise FileNotFoundError(
+                        f"ground-truth folder not found: {gt_dir} (needed for the anomalous images in {folder}; "
+                        f"normal images belong in {split_dir / normal})"
+                    )
+                index = _mask_index(gt_dir)
+                self.samples.extend((p, _find_mask(gt_dir, p, index), 1, defect) for p in images)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -181,7 +295,10 @@ class MVTecDataset(Dataset):
         return {"image": image, "mask": mask, "label": label, "path": str(path), "defect": defect}
 
     def __repr__(self) -> str:
-        return f"MVTecDataset({str(self.base)!r}, split={self.split!r}, input_size={self.input_size}, n={len(self)})"
+        return (
+            f"MVTecDataset({str(self.base)!r}, split={self.split!r}, input_size={self.input_size}, "
+            f"layout={self.layout!r}, n={len(self)})"
+        )
 
 
 class ImageFolderDataset(Dataset):

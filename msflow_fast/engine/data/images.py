@@ -87,18 +87,43 @@ def check_image_file(path: str | os.PathLike) -> tuple[int, int]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not an image, truncated or corrupt (PNG chunk checksums included).
+        ValueError: not an image, truncated or corrupt (PNG chunk checksums and the length of uncompressed
+            BMPs included).
     """
     path = Path(path)
     try:
         with Image.open(path) as img:
             size = img.size
+            missing = _missing_raw_bytes(img, path)
             img.verify()
-        return size
     except FileNotFoundError:
         raise FileNotFoundError(f"image file not found: {path}") from None
     except Exception as err:
         raise ValueError(f"cannot read image {path}: {type(err).__name__}: {err} (truncated or corrupt file?)") from err
+    if missing:
+        raise ValueError(
+            f"cannot read image {path}: truncated file: its pixel data needs {missing} more bytes than the file holds "
+            "(copy or extract it again)"
+        )
+    return size
+
+
+def _missing_raw_bytes(img: Image.Image, path: Path) -> int:
+    """How many bytes an uncompressed BMP's pixel rows need beyond the end of the file (0: none).
+
+    Pillow's ``verify`` checks PNG checksums but not a BMP's length; an uncompressed BMP (BTAD's
+    format) declares where its rows start and how long each is, so a cut file shows from its size
+    alone. Compressed (RLE) BMPs and other formats are left to ``verify``.
+    """
+    if img.format != "BMP":
+        return 0
+    needed = 0
+    for tile in img.tile:
+        codec, extents, offset, args = tile[0], tile[1], tile[2], tile[3]
+        if codec != "raw" or not isinstance(args, tuple) or len(args) < 2 or not isinstance(args[1], int) or args[1] <= 0:
+            return 0
+        needed = max(needed, offset + args[1] * (extents[3] - extents[1]))
+    return max(0, needed - os.path.getsize(path))
 
 
 def _high_depth(img: Image.Image, path: Path, what: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""A synthetic defect dataset, generated from a seed, for the demo and the tests (no download)."""
+"""A synthetic defect dataset, generated from a seed, for the demo and the tests (no download), and
+its writer to image folders in the MVTec AD or the BTAD layout."""
 
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ class SyntheticDefects(Dataset):
         }
 
 
+_FILE_FORMATS = ("png", "bmp")
+
+
 def write_synthetic_dataset(
     root: str | os.PathLike,
     category: str = "synthetic",
@@ -161,26 +165,61 @@ def write_synthetic_dataset(
     num_test: int = 24,
     input_size: int = 128,
     seed: int = 0,
+    layout: str = "mvtec",
+    image_format: str = "png",
+    mask_format: str = "png",
+    file_size: tuple[int, int] | None = None,
 ) -> Path:
-    """Write :class:`SyntheticDefects` images to ``root/category`` in the MVTec AD layout.
+    """Write :class:`SyntheticDefects` images to ``root/category`` in the MVTec AD or the BTAD layout.
+
+    ``layout="mvtec"``: ``train/good``, ``test/good``, ``test/<defect kind>`` and
+    ``ground_truth/<defect kind>/<name>_mask.<mask_format>``. ``layout="btad"``: ``train/ok``,
+    ``test/ok``, every defect in ``test/ko`` and ``ground_truth/ko/<name>.<mask_format>``, as BTAD
+    ships (images .bmp or .png by product; masks .png, product 03's .bmp).
+
+    Args:
+        input_size: side of the generated square images (pixels).
+        layout: ``"mvtec"`` or ``"btad"``.
+        image_format, mask_format: ``"png"`` or ``"bmp"``.
+        file_size: ``(height, width)`` of the written files, e.g. a non-square ``(60, 80)`` like BTAD's
+            800x600 product 03: the generated images are resized to it (LANCZOS, masks NEAREST).
+            Default: ``input_size`` square, the generated pixels as they are.
 
     Returns:
         The category folder.
     """
+    if layout not in ("mvtec", "btad"):
+        raise ValueError(f"layout: expected 'mvtec' or 'btad', got {layout!r}")
+    for name, value in (("image_format", image_format), ("mask_format", mask_format)):
+        if value not in _FILE_FORMATS:
+            raise ValueError(f"{name}: expected one of {', '.join(_FILE_FORMATS)}, got {value!r}")
+    if file_size is not None:
+        file_size = (int(file_size[0]), int(file_size[1]))
+        if min(file_size) < 1:
+            raise ValueError(f"file_size: expected a positive (height, width), got {file_size!r}")
+    normal, mask_suffix = ("good", "_mask") if layout == "mvtec" else ("ok", "")
+
+    def save(array: np.ndarray, path: Path, resample: int) -> None:
+        img = Image.fromarray(array)
+        if file_size is not None and img.size != (file_size[1], file_size[0]):
+            img = img.resize((file_size[1], file_size[0]), resample)
+        img.save(path)
+
     base = Path(root) / category
     train = SyntheticDefects("train", num_train, input_size, seed)
     test = SyntheticDefects("test", num_test, input_size, seed)
-    (base / "train" / "good").mkdir(parents=True, exist_ok=True)
+    (base / "train" / normal).mkdir(parents=True, exist_ok=True)
     for i in range(len(train)):
         img, _, _ = train.raw(i)
-        Image.fromarray(img).save(base / "train" / "good" / f"{i:03d}.png")
+        save(img, base / "train" / normal / f"{i:03d}.{image_format}", Image.LANCZOS)
     for i in range(len(test)):
         img, mask, kind = test.raw(i)
-        folder = base / "test" / kind
+        folder_name = normal if kind == "good" else (kind if layout == "mvtec" else "ko")
+        folder = base / "test" / folder_name
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"{i:03d}.png")
+        save(img, folder / f"{i:03d}.{image_format}", Image.LANCZOS)
         if kind != "good":
-            gt = base / "ground_truth" / kind
+            gt = base / "ground_truth" / folder_name
             gt.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(mask.astype(np.uint8) * 255).save(gt / f"{i:03d}_mask.png")
+            save(mask.astype(np.uint8) * 255, gt / f"{i:03d}{mask_suffix}.{mask_format}", Image.NEAREST)
     return base
