@@ -186,6 +186,19 @@ def test_csflow_suite_smoke(out_dir):
     _check_markdown(md, "csflow", rows)
 
 
+def test_msflow_aas_suite_smoke(out_dir):
+    """The msflow_aas suite: the FrEIA composition of the same maths against msflow_fast, CS-Flow beside them."""
+    code, rows, md = _run(out_dir, "msflow_aas")
+    assert code == 0 and "## Errors" not in md, md
+    _check_rows(rows, "msflow_aas", "freia")
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("freia", "msflow_fast", "csflow") for m in ("train step", "infer flows+head", "infer with backbone")
+    ]
+    for r in rows:
+        assert r["dtype"] == "float32" and r["shape"] == "B2 128px K2 mid 16", r
+    _check_markdown(md, "msflow_aas", rows)
+
+
 def test_time_budget_stops_and_says_so(tmp_path):
     code, rows, md = _run(tmp_path, "kernels", "--time-budget", "0")
     assert code == bench_run.EXIT_BUDGET and rows == []

@@ -10,6 +10,10 @@
 - :mod:`.msflow`: MSFlow (TNNLS 2024).
 - :mod:`.fastflow`: FastFlow (Yu et al. 2021), as anomalib 2.7 computes it.
 - :mod:`.csflow`: CS-Flow (Rudolph et al. 2022), as its official code computes it.
+- :mod:`.msflow_aas`: MS-Flow (Mao et al., Acta Automatica Sinica 2024), an INTERPRETATION of its
+  abstract (no code or full text is public), not the authors' method.
+- :mod:`.config_checks`, :mod:`.image_pyramid`: config field checks; the image-pyramid features
+  and per-dimension loss shared by CS-Flow and ``msflow_aas``.
 
 Importing this package registers every model in it.
 """
@@ -24,10 +28,11 @@ from .extractor import FeatureExtractor, use_reflect_padding
 from .positional import PositionalEncoding2d, positional_encoding_2d
 from .registry import available, create, get, register
 
-from . import csflow, fastflow, msflow  # noqa: E402  (registers "csflow", "fastflow", "msflow")
+from . import csflow, fastflow, msflow, msflow_aas  # noqa: E402  (registers "csflow", "fastflow", "msflow", "msflow_aas")
 from .csflow import CSFlow, CSFlowConfig  # noqa: E402
 from .fastflow import FastFlow, FastFlowConfig  # noqa: E402
 from .msflow import MSFlow, MSFlowConfig  # noqa: E402
+from .msflow_aas import MSFlowAAS, MSFlowAASConfig  # noqa: E402
 
 __all__ = [
     "METRICS",
@@ -39,6 +44,8 @@ __all__ = [
     "FeatureExtractor",
     "LRSchedule",
     "MSFlow",
+    "MSFlowAAS",
+    "MSFlowAASConfig",
     "MSFlowConfig",
     "ModelConfig",
     "PositionalEncoding2d",
@@ -58,6 +65,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "msflow",
+    "msflow_aas",
     "output_names",
     "positional_encoding_2d",
     "read",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base import ModelConfig, normalize_input_size
+from ..config_checks import require_bool, require_choice, require_int, require_name, require_number
 from ..extractor import BACKBONE_PRECISIONS
 
 PERMUTATIONS = ("official", "anomalib")
@@ -63,16 +64,11 @@ class CSFlowConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         normalize_input_size(self)
-        if not isinstance(self.backbone, str) or not self.backbone:
-            raise TypeError(f"backbone must be a non-empty timm model name, got {self.backbone!r}")
-        for name in ("pretrained", "use_gamma"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        for name in ("cnn_block", "coupling_blocks", "hidden_channels"):
-            value = getattr(self, name)
-            low = 0 if name == "cnn_block" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        require_name(self, "backbone")
+        require_bool(self, "pretrained", "use_gamma")
+        require_int(self, "cnn_block", 0)
+        require_int(self, "coupling_blocks", 1)
+        require_int(self, "hidden_channels", 1)
         kernels = tuple(self.kernel_sizes) if not isinstance(self.kernel_sizes, (str, bytes)) else ()
         if len(kernels) != self.coupling_blocks or not all(
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 and k % 2 == 1 for k in kernels
@@ -81,17 +77,11 @@ class CSFlowConfig(ModelConfig):
                 f"kernel_sizes must hold one odd int >= 1 per coupling block ({self.coupling_blocks}), got {self.kernel_sizes!r}"
             )
         object.__setattr__(self, "kernel_sizes", kernels)
-        for name in ("clamp", "leaky_slope"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a number > 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if self.permutation not in PERMUTATIONS:
-            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
-        if self.anomaly_map not in ANOMALY_MAPS:
-            raise ValueError(f"anomaly_map must be one of {ANOMALY_MAPS}, got {self.anomaly_map!r}")
-        if self.backbone_precision not in BACKBONE_PRECISIONS:
-            raise ValueError(f"backbone_precision must be one of {BACKBONE_PRECISIONS}, got {self.backbone_precision!r}")
+        require_number(self, "clamp")
+        require_number(self, "leaky_slope")
+        require_choice(self, "permutation", PERMUTATIONS)
+        require_choice(self, "anomaly_map", ANOMALY_MAPS)
+        require_choice(self, "backbone_precision", BACKBONE_PRECISIONS)
 
 
 __all__ = ["ANOMALY_MAPS", "CSFlowConfig", "PERMUTATIONS"]

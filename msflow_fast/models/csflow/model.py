@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ... import ops
-from ...nn import enable_fast_paths
-from ..base import AnomalyModel, Prediction, TrainRecipe, TrainStage, as_batch
-from ..extractor import FeatureExtractor
+from ..base import Prediction, TrainRecipe, TrainStage
+from ..image_pyramid import ImagePyramidFlowModel, PyramidFlowOutput
 from ..registry import register
 from .config import CSFlowConfig
-from .flows import SCALES, CrossScaleFlow
+from .flows import CrossScaleFlow
 from .head import predict_from_latents
 
 
-class CSFlowOutput(NamedTuple):
-    """Output of :meth:`CSFlow.forward`.
-
-    Attributes:
-        latents: ``[z_0, z_1, z_2]``, ``z_k [B, C, h_k, w_k]`` (scale 0 the finest).
-        logdet: ``[B]`` log-det of the whole flow, in nats.
-    """
-
-    latents: list[torch.Tensor]
-    logdet: torch.Tensor
+CSFlowOutput = PyramidFlowOutput
+"""Output of :meth:`CSFlow.forward`: ``latents [z_0, z_1, z_2]`` (``z_k [B, C, h_k, w_k]``, scale 0 the
+finest) and ``logdet [B]`` in nats."""
 
 
 OFFICIAL_RECIPE = TrainRecipe(
@@ -41,7 +28,7 @@ the last epoch."""
 
 
 @register("csflow", summary="CS-Flow (Rudolph et al., WACV 2022): a cross-scale flow on EfficientNet features of three image scales; faithful to the official code")
-class CSFlow(AnomalyModel):
+class CSFlow(ImagePyramidFlowModel):
     """CS-Flow (Rudolph et al., WACV 2022), as the official code (marco-rudolph/cs-flow) computes it,
     on this package's fused coupling op.
 
@@ -67,83 +54,16 @@ class CSFlow(AnomalyModel):
 
     config_class = CSFlowConfig
     default_recipe = OFFICIAL_RECIPE
-    fixed_on_load = ("backbone", "pretrained", "cnn_block")
     # A random-initialised EfficientNet-B0 stage 6 (192 channels) at 256 px, a narrow subnet.
     demo_config = {"input_size": 256, "backbone": "efficientnet_b0", "pretrained": False, "hidden_channels": 96}
     demo_training = {"epochs": 12, "lr": 2e-4, "batch_size": 8}
 
-    def __init__(self, config: CSFlowConfig | None = None, backbone: nn.Module | str | None = None, **overrides: Any) -> None:
-        backbone = self.backbone_module(backbone, overrides)
-        super().__init__(self.make_config(config, **overrides))
-        config = self.config
-        self.extractor = FeatureExtractor(
-            backbone if backbone is not None else config.backbone,
-            pretrained=config.pretrained,
-            input_size=config.input_size,
-            cnn_block=config.cnn_block if backbone is None else None,
-            precision=config.backbone_precision,
+    def build_flow(self, channels: int) -> CrossScaleFlow:
+        c = self.config
+        return CrossScaleFlow(
+            channels, coupling_blocks=c.coupling_blocks, hidden_channels=c.hidden_channels, kernel_sizes=c.kernel_sizes,
+            clamp=c.clamp, leaky_slope=c.leaky_slope, use_gamma=c.use_gamma, permutation=c.permutation,
         )
-        if len(self.extractor.channels) != 1:
-            raise ValueError(f"CS-Flow takes one feature map per image scale; the backbone gives {len(self.extractor.channels)}")
-        self.channels = self.extractor.channels[0]
-        self.stride = self.extractor.strides[0]
-        self.flow = CrossScaleFlow(
-            self.channels, coupling_blocks=config.coupling_blocks, hidden_channels=config.hidden_channels,
-            kernel_sizes=config.kernel_sizes, clamp=config.clamp, leaky_slope=config.leaky_slope,
-            use_gamma=config.use_gamma, permutation=config.permutation,
-        )
-        enable_fast_paths(self)
-        try:
-            self.check_image_size(*config.input_size)
-        except ValueError as exc:
-            raise ValueError(f"input_size {config.input_size} does not suit this backbone: {exc}") from None
-
-    def check_image_size(self, height: int, width: int) -> None:
-        unit = self.stride * 2 ** (SCALES - 1)
-        if height % unit or width % unit:
-            raise ValueError(
-                f"images height and width must be multiples of {unit} (the backbone's stride {self.stride} x 4, so that "
-                f"the three feature grids halve exactly; CS-Flow: multiples of 128), got {height}x{width}"
-            )
-
-    # ------------------------------------------------------------------ pipeline
-
-    def frozen_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Extractor features of the image at full, half and quarter size: ``[B, C, H/s/2^k, W/s/2^k]``
-        for ``k = 0, 1, 2``, in the flow's dtype (no autograd; the flow's inputs as they are)."""
-        self.check_images(images, check_finite=None)
-        height, width = images.shape[-2:]
-        dtype = next(self.flow.parameters()).dtype
-        feats = []
-        with torch.no_grad():
-            for k in range(SCALES):
-                scaled = images if k == 0 else F.interpolate(images, size=(height // 2**k, width // 2**k))
-                feats.append(self.extractor(scaled)[0].to(dtype))
-        return feats
-
-    def frozen_fingerprint(self) -> str:
-        """Digest of the extractor's state and the config (see :meth:`AnomalyModel.digest_frozen`)."""
-        return self.digest_frozen(self.extractor)
-
-    def forward(self, images: torch.Tensor) -> CSFlowOutput:
-        """``images [B, 3, H, W]`` -> ``CSFlowOutput(latents, logdet)``."""
-        return CSFlowOutput(*self.flow(self.frozen_features(images)))
-
-    def loss(self, batch: Any) -> torch.Tensor:
-        """The official loss ``mean_b(0.5 * sum z^2 - logdet) / D`` (nats per dimension, scalar).
-
-        Args:
-            batch: images ``[B, 3, H, W]`` or a batch dict: ``"image"``, or ``"features"`` (cached
-                :meth:`frozen_features`) instead.
-        """
-        batch = as_batch(batch)
-        feats = list(batch["features"]) if "features" in batch else self.frozen_features(batch["image"])
-        latents, logdet = self.flow(feats)
-        nll = ops.gaussian_nll(latents[0], logdet)
-        for z in latents[1:]:
-            nll = nll + ops.gaussian_nll(z, torch.zeros_like(logdet))
-        dims = sum(z[0].numel() for z in latents)
-        return nll.mean() / dims
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
@@ -151,8 +71,6 @@ class CSFlow(AnomalyModel):
         latents, _ = self(images)
         return predict_from_latents(latents, tuple(images.shape[-2:]), self.config.anomaly_map)
 
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, stride={self.stride}"
 
 
 __all__ = ["CSFlow", "CSFlowOutput", "OFFICIAL_RECIPE"]
