@@ -44,8 +44,19 @@ def _extensions() -> tuple[list, dict]:
     cuda_home = _find_cuda_home()
     if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home  # must be set before torch.utils.cpp_extension is imported
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:
+        raise SystemExit(
+            f"msflow_fast: the C++/CUDA extension is compiled against the torch that will run it, and this build "
+            f"cannot import torch ({exc}). pip builds in an isolated environment without your torch unless told "
+            "not to, so install torch first, then msflow_fast without build isolation:\n"
+            "    pip install torch\n"
+            "    pip install --no-build-isolation .\n"
+            "(or `bash scripts/install.sh`, which does both; MSFLOW_FAST_NO_EXT=1 installs without the extension: "
+            "reference and Triton backends only)"
+        ) from None
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

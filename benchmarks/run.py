@@ -30,7 +30,7 @@ EXIT_ERRORS, EXIT_BUDGET, EXIT_INTERRUPTED = 1, 124, 130
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("kernels", "block", "e2e", "fastflow", "epoch", "csflow", "msflow_aas", "all"), default="kernels")
+    p.add_argument("--suite", choices=("kernels", "block", "e2e", "fastflow", "epoch", "csflow", "msflow_aas", "anomalib_patch", "pseudo_anomaly", "all"), default="kernels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32")
     p.add_argument("--batch", type=int, default=None, help="batch of the flow-block kernels (MSFlow trains with 8; --smoke: 2)")
@@ -102,6 +102,14 @@ def _jobs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         from . import msflow_aas
 
         add(6, msflow_aas.jobs(device, with_compile=not args.no_compile, min_run_time=args.min_run_time, smoke=args.smoke))
+    if args.suite in ("anomalib_patch", "all"):
+        from . import anomalib_patch
+
+        add(7, anomalib_patch.jobs(device, min_run_time=args.min_run_time, smoke=args.smoke))
+    if args.suite in ("pseudo_anomaly", "all"):
+        from . import pseudo_anomaly
+
+        add(8, pseudo_anomaly.jobs(device, min_run_time=args.min_run_time, smoke=args.smoke))
     return jobs
 
 

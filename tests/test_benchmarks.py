@@ -199,6 +199,27 @@ def test_msflow_aas_suite_smoke(out_dir):
     _check_markdown(md, "msflow_aas", rows)
 
 
+def test_anomalib_patch_suite_smoke(out_dir):
+    """The anomalib suite: stock FastFlow, CFlow and U-Flow against the same models patched."""
+    code, rows, md = _run(out_dir, "anomalib_patch")
+    assert code == 0 and "## Errors" not in md, md
+    _check_rows(rows, "anomalib_patch", "anomalib")
+    assert [(r["op"], r["provider"], r["mode"]) for r in rows] == [
+        (op, p, m) for op in ("FastFlow", "CFlow", "U-Flow") for p in ("anomalib", "msflow_fast") for m in ("train step", "inference")
+    ]
+    _check_markdown(md, "anomalib_patch", rows)
+
+
+def test_pseudo_anomaly_suite_smoke(out_dir):
+    """The generator's throughput: one row per mode, images per second in the notes (no baseline)."""
+    code, rows, md = _run(out_dir, "pseudo_anomaly")
+    assert code == 0 and "## Errors" not in md, md
+    assert [r["mode"] for r in rows] == ["mixture", "texture", "cutpaste", "scar", "poisson"]
+    for r in rows:
+        assert r["suite"] == "pseudo_anomaly" and float(r["median_ms"]) > 0 and re.fullmatch(r"[\d.]+ img/s", r["extra"]), r
+    _check_markdown(md, "pseudo_anomaly", rows)
+
+
 def test_time_budget_stops_and_says_so(tmp_path):
     code, rows, md = _run(tmp_path, "kernels", "--time-budget", "0")
     assert code == bench_run.EXIT_BUDGET and rows == []

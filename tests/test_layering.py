@@ -7,7 +7,9 @@ the library never imports benchmarks/ or tests/; the engine reaches models only 
 modules ``models.base`` and ``models.checkpoint`` (never names re-exported by ``models``) and
 never ``ops`` internals or kernels; the shared parts of ``models/`` never import a model's
 folder, and no model folder imports another's; nn uses only the public ops; no module-level
-import circle anywhere. Every rule is a function of the source tree, so
+import circle anywhere. ``integrations/`` (bridges to other frameworks) are leaves: nothing else in
+the library imports them, they import neither the CLI nor the package root, and a framework they
+bridge (anomalib) is imported nowhere but in its own subpackage. Every rule is a function of the source tree, so
 :func:`test_the_rules_catch_the_leaks_they_are_for` can run them on a doctored copy.
 """
 
@@ -31,6 +33,9 @@ FORBIDDEN = {
 }
 ENGINE_MAY_IMPORT_FROM_MODELS = ("msflow_fast.models.base", "msflow_fast.models.checkpoint")
 OUTSIDE = ("benchmarks", "tests", "conftest", "helpers")
+INTEGRATIONS = "msflow_fast.integrations"
+FRAMEWORKS = ("anomalib",)
+"""Frameworks imported only in ``msflow_fast/integrations/<framework>/``."""
 
 
 def _module_name(path: Path, root: Path = ROOT) -> str:
@@ -140,6 +145,22 @@ def _violations(rule: str, root: Path = ROOT) -> list[str]:
             for name in _imports(path, root=root):
                 if name.startswith("msflow_fast.ops.") and name.split(".")[2].startswith("_"):
                     report(path, name)
+    elif rule == "integrations":
+        integrations = root / "msflow_fast" / "integrations"
+        for path in _files(root=root):
+            inside = path.is_relative_to(integrations)
+            for name in _imports(path, root=root):
+                if not inside and _hits(name, (INTEGRATIONS,)):
+                    report(path, name)
+                if inside and (name == "msflow_fast" or _hits(name, ("msflow_fast.cli",))):
+                    report(path, name)
+    elif rule == "frameworks":
+        integrations = root / "msflow_fast" / "integrations"
+        for path in _files(root=root):
+            for name in _imports(path, root=root):
+                framework = name.split(".")[0]
+                if framework in FRAMEWORKS and not path.is_relative_to(integrations / framework):
+                    report(path, name)
     elif rule == "circles":
         graph = {
             _module_name(p, root): {n for n in _imports(p, module_level_only=True, root=root) if n.startswith("msflow_fast")} - {_module_name(p, root)}
@@ -175,6 +196,8 @@ RULES = {
     "model-folders": "model folders are independent; the shared parts of models/ know none",
     "nn-public-ops": "nn uses only the public ops",
     "circles": "no module-level import circle",
+    "integrations": "integrations are leaves: no other part imports them; they import neither the CLI nor the package root",
+    "frameworks": "a bridged framework (anomalib) is imported only in its integrations/ subpackage",
 }
 
 
@@ -213,6 +236,8 @@ def test_the_rules_catch_the_leaks_they_are_for(tmp_path):
         "nn": ("nn/_probe3.py", "from ..models import base\n"),
         "engine": ("engine/_probe2.py", "from ..cli import commands\n"),
         "circles": ("ops/_circle_a.py", "from . import _circle_b\n"),
+        "integrations": ("engine/_probe3.py", "def f():\n    from ..integrations.anomalib import lightning\n"),
+        "frameworks": ("models/_probe2.py", "def f():\n    from anomalib.models import Fastflow\n"),
     }
     (package / "ops" / "_circle_b.py").write_text("from ._circle_a import x\n")
     for rule, (relative, text) in probes.items():

@@ -1,4 +1,4 @@
-"""Command line: ``msflow-fast train | eval | predict | demo | models``.
+"""Command line: ``msflow-fast train | eval | predict | demo | models | pseudo-anomalies``.
 
 ``train`` and ``demo`` build the model named by ``--model`` (default ``msflow``; ``msflow-fast
 models`` lists them), with one flag per field of its config dataclass (generated, see

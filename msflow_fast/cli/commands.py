@@ -1,4 +1,4 @@
-"""The subcommands: ``train``, ``eval``, ``predict``, ``demo`` and ``models``."""
+"""The subcommands: ``train``, ``eval``, ``predict``, ``demo``, ``models`` and ``pseudo-anomalies`` (:mod:`.pseudo`)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,15 @@ def _print_metrics(metrics: dict[str, Any], stream=None) -> None:
         f"{metrics['images_per_second']:.1f} images/s)",
         file=stream,
     )
+    if metrics.get("spro") is not None:  # MVTec LOCO AD: sPRO and image AUROC per defect kind
+        by_kind = metrics["image_auroc_by_kind"]
+        print(f"image AUROC logical {pct(by_kind['logical'])}  structural {pct(by_kind['structural'])}", file=stream)
+        for limit, values in metrics["spro"].items():
+            print(
+                f"sPRO (FPR limit {limit}) all {pct(values['all'])}  logical {pct(values['logical'])}  "
+                f"structural {pct(values['structural'])}  ({metrics['spro_regions']['all']} defect regions)",
+                file=stream,
+            )
 
 
 def _positive_int(text: str) -> int:
@@ -132,12 +141,13 @@ def _grad_clip(text: str) -> float | bool:
 
 def _add_common(p: argparse.ArgumentParser, *, data: bool, batch_default: int | None = 8) -> None:
     if data:
-        p.add_argument("--data", required=True, help="dataset root in the MVTec AD layout (MVTec AD, VisA 1cls, ...) or the BTAD layout (BTech_Dataset_transformed)")
+        p.add_argument("--data", required=True, help="dataset root in the MVTec AD layout (MVTec AD, VisA 1cls, ...), the BTAD layout (BTech_Dataset_transformed) or the MVTec LOCO AD layout")
         p.add_argument("--category", default=None, help="class folder under --data (e.g. bottle, or BTAD's 01); omit if --data is the class folder")
         p.add_argument(
-            "--layout", choices=["auto", "mvtec", "btad"], default="auto",
-            help="folder layout: mvtec (train/good, test/<defect>), btad (train/ok, test/ok, test/ko) or auto "
-            "(the default: from the good/ or ok/ folders)",
+            "--layout", choices=["auto", "mvtec", "btad", "loco"], default="auto",
+            help="folder layout: mvtec (train/good, test/<defect>), btad (train/ok, test/ok, test/ko), loco (MVTec LOCO AD: "
+            "test/logical_anomalies, test/structural_anomalies, a mask folder per image, defects_config.json; adds sPRO) or auto "
+            "(the default: loco when defects_config.json or a *_anomalies folder is there, else from the good/ or ok/ folders)",
         )
     if batch_default is not None:
         p.add_argument("--batch-size", type=_positive_int, default=batch_default, help=f"images per batch (default: {batch_default})")
@@ -370,19 +380,32 @@ def _add_eval(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.json, scores.csv, heatmaps/ (default: the checkpoint's folder)")
     p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
     p.add_argument("--fpr-limit", type=_positive_float, default=0.3, help="AUPRO integration limit (default: 0.3)")
+    p.add_argument(
+        "--spro-fpr-limits", type=_positive_float, nargs="+", default=[0.05, 0.3], metavar="LIMIT",
+        help="sPRO integration limits, for MVTec LOCO AD (default: 0.05, the benchmark's, and 0.3)",
+    )
+    from .pseudo import add_pseudo_eval_arguments
+
+    add_pseudo_eval_arguments(p)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
     from msflow_fast.engine import MVTecDataset, evaluate
     from msflow_fast.engine.run_folder import RunLock
 
+    from .pseudo import check_pseudo_flags, run_pseudo_eval
+
+    check_pseudo_flags(args)
     device = _device(args.device)
     model, state = _model_from_checkpoint(args.checkpoint, device)
+    if args.pseudo_anomalies:
+        return run_pseudo_eval(args, model, state, device)
     out = Path(args.out) if args.out else Path(state["path"]).parent
     test_set = MVTecDataset(args.data, args.category, "test", input_size=model.input_size, layout=args.layout)
     test_set.check_files()
     with RunLock(out, "evaluation"):
-        metrics = evaluate(model, test_set, batch_size=args.batch_size, num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, out_dir=out, heatmaps=args.heatmaps, progress=not args.no_progress)
+        metrics = evaluate(model, test_set, batch_size=args.batch_size, num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, out_dir=out, heatmaps=args.heatmaps, progress=not args.no_progress,
+                           spro_fpr_limits=tuple(args.spro_fpr_limits))
     _print_metrics(metrics)
     _print_warnings(metrics["warnings"])
     print(f"wrote {out / 'metrics.json'}")
@@ -567,10 +590,29 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- pseudo-anomalies
+
+
+def _add_pseudo_anomalies(p: argparse.ArgumentParser, model: str) -> None:
+    from .pseudo import add_gallery_arguments
+
+    add_gallery_arguments(p, model)
+
+
+def _run_pseudo_anomalies(args: argparse.Namespace) -> int:
+    from .pseudo import run_gallery
+
+    return run_gallery(args)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser, str], None], Callable[[argparse.Namespace], int]]] = {
     "train": ("train on the train/good images of a class, then evaluate its test split", _add_train, _run_train),
-    "eval": ("evaluate a checkpoint on a test split: image AUROC, pixel AUROC, AUPRO", _add_eval, _run_eval),
+    "eval": ("evaluate a checkpoint on a test split: image AUROC, pixel AUROC, AUPRO (and sPRO on MVTec LOCO AD)", _add_eval, _run_eval),
     "predict": ("score images and write heat-map overlays (PNG) and scores.csv", _add_predict, _run_predict),
     "demo": ("generate a synthetic defect dataset, train a small model on CPU, evaluate, write heat maps", _add_demo, _run_demo),
     "models": ("list the registered models, one line each (--flops: their parameters and FLOPs)", _add_models, _run_models),
+    "pseudo-anomalies": (
+        "draw pseudo anomalies on a class's good images and write a gallery: image/mask/overlay PNGs, index.csv",
+        _add_pseudo_anomalies, _run_pseudo_anomalies,
+    ),
 }

@@ -12,6 +12,10 @@ from .data import (
     IMAGENET_STD,
     ImageFolderDataset,
     MVTecDataset,
+    MVTecLocoDataset,
+    PseudoAnomalyConfig,
+    PseudoAnomalyDataset,
+    PseudoAnomalyGenerator,
     SyntheticDefects,
     denormalize,
     normalize,
@@ -20,8 +24,10 @@ from .data import (
 from .evaluate import evaluate
 from .feature_cache import CacheReport
 from .metrics import aupro, auroc, image_auroc, pixel_auroc
+from .metrics_spro import saturation_area, spro, spro_by_kind
 from .optim import EpochSchedule, make_optimizer
 from .predict import predict_folder
+from .pseudo_eval import evaluate_pseudo_anomalies, holdout_split
 from .train import CHECKPOINT_NAME, DEFAULT_RECIPE, FitResult, fit, seed_everything
 from .visualize import apply_colormap, images_to_uint8, overlay, save_overlay
 
@@ -35,13 +41,19 @@ __all__ = [
     "IMAGENET_STD",
     "ImageFolderDataset",
     "MVTecDataset",
+    "MVTecLocoDataset",
+    "PseudoAnomalyConfig",
+    "PseudoAnomalyDataset",
+    "PseudoAnomalyGenerator",
     "SyntheticDefects",
     "apply_colormap",
     "aupro",
     "auroc",
     "denormalize",
     "evaluate",
+    "evaluate_pseudo_anomalies",
     "fit",
+    "holdout_split",
     "image_auroc",
     "images_to_uint8",
     "make_optimizer",
@@ -49,7 +61,10 @@ __all__ = [
     "overlay",
     "pixel_auroc",
     "predict_folder",
+    "saturation_area",
     "save_overlay",
     "seed_everything",
+    "spro",
+    "spro_by_kind",
     "write_synthetic_dataset",
 ]

@@ -4,7 +4,9 @@ The model needs ``predict(images [B, 3, H, W])`` returning a
 :class:`~msflow_fast.models.base.Prediction` (or any object with ``anomaly_map`` ``[B, H, W]``,
 ``score`` ``[B]`` and, optionally, a ``maps`` dict). Pixel AUROC reads the map named by
 ``model.metric_map("pixel_auroc")`` and AUPRO the one named by ``model.metric_map("aupro")``
-(``anomaly_map`` for models that name none).
+(``anomaly_map`` for models that name none). Test sets with per-defect masks (MVTec LOCO AD) also
+get AU-sPRO of all, logical and structural regions from ``model.metric_map("spro")`` and image AUROC
+per defect kind (:mod:`.defect_regions`).
 
 Metrics are fractions in [0, 1]. Maps are collected on CPU in float32 (preallocated when the data
 has a length) and masks as bool, about 5 bytes per pixel per map, so a full MVTec class at 512 px
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from .._files import atomic_write_bytes, atomic_write_json
 from ..models.base import Prediction, as_batch, batch_paths
 from .data import check_finite_images, decoded_finite
+from .defect_regions import DefectRegions, has_defect_regions
 from .metrics import aupro, auroc
 from .run_folder import fresh_folder
 from .visualize import images_to_uint8, save_overlay
@@ -170,6 +173,8 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     heatmaps: bool = False,
     progress: bool = True,
+    spro_fpr_limits: tuple[float, ...] = (0.05, 0.3),
+    annotate: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score a labelled test set.
 
@@ -180,13 +185,19 @@ def evaluate(
             derived from the mask).
         pixel_metrics: compute pixel AUROC and AUPRO (needs masks).
         fpr_limit: AUPRO integration limit (0.3).
+        spro_fpr_limits: sPRO integration limits, for data with defect regions (MVTec LOCO AD's test
+            split): 0.05 is the benchmark's, 0.3 AUPRO's.
         out_dir: if given, writes ``metrics.json`` and ``scores.csv`` there (atomically) and, with
             ``heatmaps=True``, ``heatmaps/<defect>_<name>.png`` overlays of ``anomaly_map``.
         heatmaps: write the overlays (the images are kept as uint8 while scoring, not read again).
+        annotate: entries added to the result and to ``metrics.json`` (e.g. labels of an estimate);
+            its ``"warnings"`` are appended to the result's.
 
     Returns:
         ``{"image_auroc", "pixel_auroc", "aupro"}`` as fractions in [0, 1] (``None`` when undefined,
-        e.g. a test set without anomalies), ``maps`` (the map each pixel metric read),
+        e.g. a test set without anomalies), ``maps`` (the map each pixel metric read), for data with
+        defect regions also ``spro``, ``spro_regions`` and ``image_auroc_by_kind``
+        (:meth:`.defect_regions.DefectRegions.metrics`),
         ``num_images``, ``num_anomalous``, ``seconds``, ``images_per_second`` and ``warnings``
         (e.g. every image scored the same). The overlays go to a fresh ``heatmaps/`` folder that
         replaces the old one only once complete.
@@ -208,6 +219,9 @@ def evaluate(
         total = len(data.dataset)  # type: ignore[arg-type]
     finite_data = decoded_finite(data)
     routing = {"pixel_auroc": metric_map_name(model, "pixel_auroc"), "aupro": metric_map_name(model, "aupro")}
+    regions = DefectRegions() if pixel_metrics and has_defect_regions(data) else None
+    if regions is not None:
+        routing["spro"] = metric_map_name(model, "spro")
     wanted = sorted(set(routing.values()) | ({"anomaly_map"} if heatmaps and out_dir is not None else set()))
 
     scores: list[torch.Tensor] = []
@@ -265,6 +279,8 @@ def evaluate(
                 stores[name].add(values)
             if mask is not None:
                 masks.add(mask)
+            if regions is not None:
+                regions.add(batch, n)
             filled += n
     finally:
         if was_training:
@@ -292,7 +308,15 @@ def evaluate(
     if mask_t is not None and mask_t.any() and not mask_t.all():
         result["pixel_auroc"] = auroc(stores[routing["pixel_auroc"]].tensor(), mask_t)
         result["aupro"] = aupro(stores[routing["aupro"]].tensor(), mask_t, fpr_limit=fpr_limit)
+    if regions is not None and mask_t is not None:
+        entries, notes = regions.metrics(stores[routing["spro"]].tensor(), label_t, score_t, spro_fpr_limits)
+        result.update(entries)
+        result["warnings"].extend(notes)
     result["metric_seconds"] = time.perf_counter() - started - seconds
+    if annotate:
+        extra = dict(annotate)
+        result["warnings"] = result["warnings"] + list(extra.pop("warnings", []))
+        result.update(extra)
 
     if out_dir is not None:
         out = Path(out_dir)

@@ -12,6 +12,9 @@ accept numpy arrays or torch tensors (CPU or CUDA) and are exact over all thresh
   background pixels, PRO(t) = mean over all regions of all images of each region's TPR; (0, 0) is
   prepended, the curve is cut at FPR = 0.3 with linear interpolation of PRO, and the trapezoid area is
   divided by 0.3.
+
+The saturated per-region overlap of MVTec LOCO AD (sPRO) is in :mod:`.metrics_spro`; it shares
+:func:`overlap_curve_area` with AUPRO.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["auroc", "aupro", "image_auroc", "pixel_auroc"]
+__all__ = ["auroc", "aupro", "image_auroc", "overlap_curve_area", "pixel_auroc"]
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -158,9 +161,26 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
         raise ValueError("aupro: the ground truth has no background pixel (all masks are full)")
     fg = torch.cat(fg_scores)
     w = torch.cat(fg_weights) / n_regions
+    return overlap_curve_area(bg, fg, w, fpr_limit)
+
+
+def overlap_curve_area(bg: torch.Tensor, fg: torch.Tensor, w: torch.Tensor, fpr_limit: float) -> float:
+    """Exact area under an overlap-vs-FPR curve up to ``fpr_limit``, divided by ``fpr_limit`` (AUPRO, sPRO).
+
+    Pixels with score >= t are positive. FPR(t) = share of ``bg`` >= t; overlap(t) = sum of ``w``
+    over the ``fg`` entries >= t. Every distinct score is a threshold (tied scores enter together);
+    (0, 0) is prepended, the curve is cut at ``fpr_limit`` with linear interpolation, trapezoid area.
+
+    Args:
+        bg: 1-D background scores, sorted ascending (the negatives the FPR counts).
+        fg: 1-D foreground scores, any order (one entry per region pixel; a pixel of two regions twice).
+        w: float64 weights of ``fg`` (their sum is the overlap at the lowest threshold, at most 1).
+        fpr_limit: in (0, 1].
+    """
+    n_bg = bg.numel()
     order = torch.argsort(fg, stable=True)
     fg, w = fg[order], w[order]
-    # suffix[j] = total weight of foreground pixels fg[j:], so PRO(t) = suffix[#fg < t].
+    # suffix[j] = total weight of foreground pixels fg[j:], so overlap(t) = suffix[#fg < t].
     suffix = torch.cat([torch.flip(torch.cumsum(torch.flip(w, [0]), 0), [0]), w.new_zeros(1)])
 
     # Thresholds t with FPR(t) <= limit are exactly those above v0 = the (k+1)-th largest background

@@ -134,7 +134,7 @@ class AllInOneBlock(nn.Module):
                 raise ImportError("permute_soft=True needs scipy (pip install scipy)") from exc
             w = torch.as_tensor(special_ortho_group.rvs(channels), dtype=torch.float32)
         else:
-            w = compat.permutation_matrix(torch.as_tensor(np.random.permutation(channels)), 0)
+            w = compat.permutation_matrix(self.draw_permutation(channels), 0)
 
         if self.householder:
             self.vk_householder = nn.Parameter(0.2 * torch.randn(self.householder, channels))
@@ -155,6 +155,13 @@ class AllInOneBlock(nn.Module):
         if self.w_perm is not None:
             self.register_load_state_dict_pre_hook(compat.permutation_load_pre_hook)
             self.register_load_state_dict_post_hook(compat.permutation_load_post_hook)
+
+    @staticmethod
+    def draw_permutation(channels: int) -> torch.Tensor:
+        """The hard permutation's indices ``[C]``, drawn as FrEIA 0.2 draws them
+        (``np.random.permutation``, NumPy's global generator). A subclass standing in for another
+        framework's block overrides it to draw as that framework does (same seed, same block)."""
+        return torch.as_tensor(np.random.permutation(channels))
 
     # ------------------------------------------------------------------ state_dict compatibility
 

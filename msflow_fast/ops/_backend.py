@@ -7,6 +7,11 @@ Auto: CUDA tensors use ``triton``, else ``cpp``, else ``reference`` (in determin
 ops of :data:`CUDA_ATOMIC_OPS` skip ``cpp``); CPU tensors use ``cpp``, else ``reference``. The Triton interpreter is never picked automatically. Auto never raises;
 an explicit request for a backend that cannot run raises ``RuntimeError`` saying how to get it.
 
+While ``torch.onnx.export`` traces (``torch.onnx.is_in_onnx_export()``), every op runs its
+``reference`` decomposition, whatever was requested: the fused ops have no ONNX translation, and
+plain ATen ops export to standard ONNX operators (so ONNX Runtime and OpenVINO need nothing of
+msflow_fast).
+
 Each backend other than ``reference`` is a list of implementation modules that define
 functions named like the public ops; an op that a backend does not define is not available
 on it (auto skips it, an explicit request raises).
@@ -134,6 +139,8 @@ def requested_backend(backend: str | None = None) -> str:
 @torch._dynamo.assume_constant_result
 def _resolve_name(op: str, device_type: str, backend: str | None) -> str:
     # A constant for torch.compile / torch.export: the backend is chosen once, at trace time.
+    if torch.onnx.is_in_onnx_export():
+        return "reference"  # see the module docstring: ONNX export traces the reference maths
     device = torch.device(device_type)
     name = requested_backend(backend)
     if name != "auto":

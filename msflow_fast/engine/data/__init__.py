@@ -1,5 +1,6 @@
-"""Data: image and mask files (:mod:`.images`), folder datasets (:mod:`.folders`), the synthetic
-defect dataset (:mod:`.synthetic`) and the batch checks the engine runs (:mod:`.checks`)."""
+"""Data: image and mask files (:mod:`.images`), folder datasets (:mod:`.folders`; MVTec LOCO AD in
+:mod:`.loco`), the synthetic defect dataset (:mod:`.synthetic`), pseudo anomalies on good images (:mod:`.pseudo_anomaly`) and the batch checks the engine runs
+(:mod:`.checks`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from .images import (
     load_mask,
     normalize,
 )
+from .loco import DefectType, MVTecLocoDataset, read_defects_config
+from .pseudo_anomaly import PseudoAnomalyConfig, PseudoAnomalyDataset, PseudoAnomalyGenerator, PseudoSample
 from .synthetic import SyntheticDefects, write_synthetic_dataset
 
 __all__ = [
@@ -25,7 +28,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderDataset",
     "LAYOUTS",
+    "DefectType",
     "MVTecDataset",
+    "MVTecLocoDataset",
+    "PseudoAnomalyConfig",
+    "PseudoAnomalyDataset",
+    "PseudoAnomalyGenerator",
+    "PseudoSample",
     "SyntheticDefects",
     "check_finite_images",
     "check_image_file",
@@ -40,5 +49,6 @@ __all__ = [
     "load_image",
     "load_mask",
     "normalize",
+    "read_defects_config",
     "write_synthetic_dataset",
 ]

@@ -1,6 +1,6 @@
 """Datasets of image folders: the MVTec AD layout (also VisA "1cls" and any folder that follows it),
 the BTAD layout (normal images in ``ok/``, anomalous ones in ``ko/``) and plain folders of images for
-prediction.
+prediction. The MVTec LOCO AD layout (a folder of masks per image) is read by :mod:`.loco`.
 
 Every item is a dict:
 
@@ -85,14 +85,20 @@ def _expected_layouts() -> str:
 
 
 def detect_layout(folder: str | os.PathLike) -> str | None:
-    """The layout of a category folder from its normal-image folders: ``"mvtec"`` when
+    """The layout of a category folder: ``"loco"`` (MVTec LOCO AD) when it holds
+    ``defects_config.json`` or a ``logical_anomalies/`` or ``structural_anomalies/`` folder
+    (:func:`.loco.is_loco_folder`); otherwise from its normal-image folders: ``"mvtec"`` when
     ``train/good`` or ``test/good`` exists, ``"btad"`` when ``train/ok`` or ``test/ok`` does, ``None``
     when neither does.
 
     Raises:
         ValueError: the folder holds both (``good/`` and ``ok/``): the layout must be given.
     """
+    from .loco import is_loco_folder
+
     folder = Path(folder)
+    if is_loco_folder(folder):
+        return "loco"
     found = [k for k, normal in LAYOUTS.items() if any((folder / split / normal).is_dir() for split in _SPLITS)]
     if len(found) > 1:
         names = " and ".join(f"{LAYOUTS[k]}/ ({_LAYOUT_NAMES[k]})" for k in found)
@@ -129,10 +135,12 @@ def _find_mask(gt_dir: Path, image: Path, index: dict[str, list[Path]] | None = 
         exact = [p for p in candidates if p.stem == name] or candidates
         if exact:
             return min(exact, key=lambda p: (_MASK_EXTENSION_ORDER[p.suffix.lower()], p.name))
+    loco = (gt_dir / stem).is_dir()
     raise FileNotFoundError(
         f"missing mask for defect image {image}: looked for {gt_dir / (stem + '_mask.png')} or "
-        f"{gt_dir / (stem + '.png')} (or another image extension: {', '.join(IMAGE_EXTENSIONS)}); add the mask, "
-        "or move the image out of the test split"
+        f"{gt_dir / (stem + '.png')} (or another image extension: {', '.join(IMAGE_EXTENSIONS)}); "
+        + (f"{gt_dir / stem} is a folder of masks, as in MVTec LOCO AD: read it with layout='loco'" if loco
+           else "add the mask, or move the image out of the test split")
     )
 
 
@@ -170,9 +178,11 @@ class MVTecDataset(Dataset):
         category: class folder under ``root`` (e.g. ``"bottle"``, ``"01"``), or ``None``.
         split: ``"train"`` or ``"test"``.
         input_size: size the model sees: an int S (square) or ``(H, W)`` (pixels).
-        layout: ``"mvtec"``, ``"btad"`` or ``"auto"`` (the default): found from the normal-image
-            folders (``good/`` or ``ok/`` under ``train/`` or ``test/``, :func:`detect_layout`); a test
-            split with neither reads every folder as anomalous, as MVTec AD does.
+        layout: ``"mvtec"``, ``"btad"``, ``"loco"`` or ``"auto"`` (the default): found from the
+            normal-image folders (``good/`` or ``ok/`` under ``train/`` or ``test/``, :func:`detect_layout`); a test
+            split with neither reads every folder as anomalous, as MVTec AD does. An MVTec LOCO AD
+            folder (``"loco"``, given or found) gives a :class:`~.loco.MVTecLocoDataset`, whose test
+            items add each defect's own mask (and which also reads ``split="validation"``).
 
     Raises:
         FileNotFoundError: a missing root, category, split, normal-image or ground-truth folder, or mask.
@@ -181,6 +191,17 @@ class MVTecDataset(Dataset):
 
     images_are_finite = True
     deterministic_items = True
+
+    def __new__(cls, root: str | os.PathLike | None = None, category: str | None = None, *args: Any, **kwargs: Any) -> "MVTecDataset":
+        # An MVTec LOCO AD folder (layout="loco", or found by "auto") gives the LOCO reader, a subclass.
+        if cls is MVTecDataset and root is not None:
+            layout = kwargs.get("layout", args[2] if len(args) > 2 else "auto")
+            base = Path(root) / category if category else Path(root)
+            if layout == "loco" or (layout == "auto" and base.is_dir() and detect_layout(base) == "loco"):
+                from .loco import MVTecLocoDataset
+
+                cls = MVTecLocoDataset
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -193,7 +214,10 @@ class MVTecDataset(Dataset):
         if split not in _SPLITS:
             raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
         if layout != "auto" and layout not in LAYOUTS:
-            raise ValueError(f"layout: expected 'auto', {', '.join(repr(k) for k in LAYOUTS)}, got {layout!r}")
+            raise ValueError(
+                f"layout: expected 'auto', {', '.join(repr(k) for k in LAYOUTS)}, got {layout!r} "
+                "('loco' reads MVTec LOCO AD, through MVTecDataset itself or MVTecLocoDataset)"
+            )
         self.size_hw = image_size_hw(input_size)
         root = Path(root)
         if not root.is_dir():
@@ -208,6 +232,8 @@ class MVTecDataset(Dataset):
             )
         if layout == "auto":
             layout = detect_layout(base)
+            if layout == "loco":
+                raise ValueError(f"{base} is an MVTec LOCO AD folder: read it with MVTecLocoDataset (or MVTecDataset(..., layout='loco'))")
             if layout is None:
                 if split == "train":
                     raise FileNotFoundError(

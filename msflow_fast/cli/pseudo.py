@@ -1,0 +1,141 @@
+"""Pseudo anomalies on the command line: the ``pseudo-anomalies`` gallery command and ``eval --pseudo-anomalies``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .commands import _add_common, _device, _positive_int, _print_warnings
+
+__all__ = ["add_gallery_arguments", "add_pseudo_eval_arguments", "check_pseudo_flags", "run_gallery", "run_pseudo_eval"]
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def _branches() -> tuple[str, ...]:
+    from msflow_fast.engine.data.pseudo.config import BRANCHES
+
+    return BRANCHES
+
+
+# ---------------------------------------------------------------------------------------------- gallery
+
+
+def add_gallery_arguments(p: argparse.ArgumentParser, model: str) -> None:
+    _add_common(p, data=True, batch_default=None)
+    p.add_argument("--out", required=True, help="gallery folder: samples/*_image.png, *_mask.png, *_overlay.png, index.csv, contact_sheet.png")
+    p.add_argument("--count", type=_positive_int, default=16, help="samples to draw (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed: the same seed gives the same gallery (default: 0)")
+    p.add_argument("--input-size", type=_positive_int, default=256, metavar="N", help="images are resized to N x N pixels (default: 256)")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="good images from train/good (default) or test/good")
+    p.add_argument("--branch", choices=_branches(), default=None, help="draw only this branch (default: the mixture's weights)")
+    p.add_argument("--mixture", action="store_true", help="draw from the full mixture, normal samples included (default: anomalies only)")
+
+
+def _good_images(args: argparse.Namespace, split: str, input_size: int) -> Any:
+    from msflow_fast.engine import MVTecDataset
+    from msflow_fast.engine.data import ImageFolderDataset
+    from msflow_fast.engine.pseudo_eval import good_folders
+
+    if split == "train":
+        return MVTecDataset(args.data, args.category, "train", input_size=input_size, layout=args.layout)
+    return ImageFolderDataset(good_folders(args.data, args.category, layout=args.layout)[0], input_size=input_size)
+
+
+def run_gallery(args: argparse.Namespace) -> int:
+    import torch
+
+    from msflow_fast.engine.data.pseudo_anomaly import PseudoAnomalyConfig
+    from msflow_fast.engine.pseudo_gallery import write_gallery
+    from msflow_fast.engine.run_folder import RunLock
+
+    category = args.category or Path(args.data).name
+    weights = {args.branch: 1.0} if args.branch else PseudoAnomalyConfig().branch_weights
+    config = PseudoAnomalyConfig(category=category, branch_weights=weights)
+    base = _good_images(args, args.split, args.input_size)
+    out = Path(args.out)
+    device = _device(args.device)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # One image at a time is many small ops: intra-op threads only add overhead (on a busy
+        # machine tens of times), so the CPU gallery runs on one thread.
+        torch.set_num_threads(1)
+    try:
+        with RunLock(out, "pseudo-anomaly gallery"):
+            rows = write_gallery(
+                base, out, count=args.count, seed=args.seed, config=config, mixture=args.mixture,
+                describe={"data": str(args.data), "category": category, "split": args.split, "input_size": args.input_size},
+                device=device, num_workers=args.workers, progress=not args.no_progress,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["branch"]] = counts.get(row["branch"], 0) + 1
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    print(f"wrote {len(rows)} samples ({shown}) to {out / 'samples'}; index {out / 'index.csv'}, contact sheet {out / 'contact_sheet.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval --pseudo-anomalies
+
+
+def add_pseudo_eval_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("without defective samples (estimates)")
+    group.add_argument(
+        "--pseudo-anomalies", action="store_true",
+        help="estimate image AUROC, pixel AUROC and AUPRO on pseudo anomalies drawn on good images the model did not "
+        "train on: test/good (test/ok), plus --holdout; writes a labelled metrics.json to --out (default: "
+        "<checkpoint folder>/pseudo_eval)",
+    )
+    group.add_argument(
+        "--holdout", type=_fraction, default=None, metavar="FRACTION",
+        help="with --pseudo-anomalies: also use a fixed selection of this fraction of train/good (engine.pseudo_eval.holdout_split); "
+        "only valid for a model trained without those files (the checkpoint cannot tell: a warning says so)",
+    )
+    group.add_argument("--pseudo-seed", type=int, default=0, help="with --pseudo-anomalies: the generator's seed (default: 0)")
+
+
+def run_pseudo_eval(args: argparse.Namespace, model: Any, state: dict, device: Any) -> int:
+    from msflow_fast.engine.data.pseudo_anomaly import PseudoAnomalyConfig
+    from msflow_fast.engine.pseudo_eval import evaluate_pseudo_anomalies, pseudo_eval_images
+    from msflow_fast.engine.run_folder import RunLock
+
+    out = Path(args.out) if args.out else Path(state["path"]).parent / "pseudo_eval"
+    files, source = pseudo_eval_images(args.data, args.category, layout=args.layout, holdout=args.holdout)
+    config = PseudoAnomalyConfig(category=args.category or Path(args.data).name, rotation="none")
+    with RunLock(out, "pseudo-anomaly evaluation"):
+        metrics = evaluate_pseudo_anomalies(
+            model, files, config=config, seed=args.pseudo_seed, source=source, out_dir=out, batch_size=args.batch_size,
+            num_workers=args.workers, device=device, fpr_limit=args.fpr_limit, heatmaps=args.heatmaps, progress=not args.no_progress,
+        )
+
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100.0 * v:.2f}"
+
+    print(
+        f"pseudo-anomaly estimate (not a test-set result): image AUROC {pct(metrics['image_auroc'])}  pixel AUROC "
+        f"{pct(metrics['pixel_auroc'])}  AUPRO {pct(metrics['aupro'])}  (percent; {len(files)} good images, each "
+        "unchanged and with one pseudo anomaly)"
+    )
+    by_branch = metrics["pseudo_anomalies"].get("branch_image_auroc", {})
+    if by_branch:
+        print("image AUROC by branch: " + "  ".join(f"{b} {pct(v)}" for b, v in by_branch.items()))
+    _print_warnings(metrics["warnings"])
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def check_pseudo_flags(args: argparse.Namespace) -> None:
+    """``--holdout`` and ``--pseudo-seed`` mean nothing without ``--pseudo-anomalies``."""
+    if not args.pseudo_anomalies and (args.holdout is not None or args.pseudo_seed != 0):
+        raise ValueError("--holdout and --pseudo-seed choose the pseudo-anomaly estimate; add --pseudo-anomalies")

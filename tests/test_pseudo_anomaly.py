@@ -1,0 +1,421 @@
+"""The pseudo-anomaly generator (engine.data.pseudo_anomaly), its gallery command and ``eval --pseudo-anomalies``.
+
+Tiny sizes (64 px) throughout; torch runs on one thread here (these are many small ops, where
+intra-op threads only add overhead on a shared machine).
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msflow_fast import cli
+from msflow_fast.engine import SyntheticDefects, denormalize, normalize, write_synthetic_dataset
+from msflow_fast.engine.data.pseudo import colour, perlin, poisson, priors
+from msflow_fast.engine.data.pseudo.draws import generator
+from msflow_fast.engine.data.pseudo.textures import PROCEDURAL_KINDS, SKIMAGE_TEXTURES, skimage_available, texture
+from msflow_fast.engine.data.pseudo_anomaly import (
+    BRANCHES,
+    PseudoAnomalyConfig,
+    PseudoAnomalyDataset,
+    PseudoAnomalyGenerator,
+)
+from msflow_fast.engine.pseudo_eval import holdout_split
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def goods() -> list[torch.Tensor]:
+    """Eight good 64-px images in [0, 1]."""
+    data = SyntheticDefects("train", 8, SIZE, seed=0)
+    return [denormalize(data[i]["image"]) for i in range(8)]
+
+
+def _disk_image(size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bright textured disk on a dark background (an "object" image) and the disk's mask."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    disk = ((yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2).sqrt() < size * 0.3
+    g = torch.Generator().manual_seed(1)
+    image = torch.full((3, size, size), 0.08)
+    shade = torch.tensor([0.5, 0.7, 0.4]).view(3, 1, 1) + 0.05 * torch.rand(3, size, size, generator=g)
+    return torch.where(disk, shade, image), disk.float()
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def test_statistics_over_1000_seeded_draws(goods):
+    cfg = PseudoAnomalyConfig()
+    gen = PseudoAnomalyGenerator(cfg, seed=0)
+    branches, areas = collections.Counter(), collections.defaultdict(list)
+    for i in range(1000):
+        s = gen(goods[i % 8], i, other=goods[(i + 1) % 8])
+        branches[s.branch] += 1
+        areas[s.branch].append(s.area)
+        assert s.image.shape == (3, SIZE, SIZE) and s.mask.shape == (SIZE, SIZE)
+        assert s.image.min() >= 0 and s.image.max() <= 1
+        assert set(s.mask.unique().tolist()) <= {0.0, 1.0}
+        assert s.label == int(s.mask.sum() > 0)
+    anomalous = 1000 - branches["normal"]
+    # p_normal = 0.5: the binomial standard deviation over 1000 draws is 0.016.
+    assert abs(branches["normal"] / 1000 - cfg.p_normal) < 0.06
+    # Per branch, among ~500 anomalies: sd about 0.02; a broken branch (always rejected: fallback) reads 0.
+    for name, weight in cfg.weights.items():
+        assert abs(branches[name] / anomalous - weight) < 0.07, (name, branches)
+    assert branches["fallback"] <= 0.02 * anomalous
+    every = [a for name, values in areas.items() if name != "normal" for a in values]
+    assert min(every) >= cfg.min_area and max(every) <= cfg.max_area
+    assert all(a == 0 for a in areas["normal"])
+    # The size distribution of each branch: CutPaste's areas follow its 2-15% draw, scars are thin,
+    # texture masks spread over two orders of magnitude.
+    assert 0.02 <= min(areas["cutpaste"]) and max(areas["cutpaste"]) <= 0.16
+    assert max(areas["scar"]) < 0.02
+    assert min(areas["texture"]) < 0.005 and max(areas["texture"]) > 0.15
+    assert np.quantile(areas["texture"], 0.1) < 0.03 < 0.06 < np.quantile(areas["texture"], 0.9)
+    assert 0.02 < np.median(areas["poisson"]) < 0.1
+    assert 0.005 < np.median(every) < 0.1
+
+
+def test_size_limits_fall_back_after_the_attempts(goods):
+    # Scars cover under 1% of a 64-px image: with min_area 5% every draw is rejected.
+    cfg = PseudoAnomalyConfig(branch_weights={"scar": 1.0}, min_area=0.05, max_attempts=3)
+    for i in range(5):
+        s = PseudoAnomalyGenerator(cfg, seed=0)(goods[0], i, force="anomaly")
+        assert s.branch == "fallback" and s.attempts == 4 and s.label == 1
+        assert cfg.min_area <= s.area <= cfg.max_area
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_is_bit_identical_and_seeds_differ(goods):
+    def draw(seed: int, index: int):
+        return PseudoAnomalyGenerator(seed=seed)(goods[index % 8], index, other=goods[(index + 3) % 8], force="anomaly")
+
+    for index in range(6):
+        a, b = draw(7, index), draw(7, index)
+        assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.branch == b.branch
+    assert any(not torch.equal(draw(7, i).image, draw(8, i).image) for i in range(3))
+    assert all(not torch.equal(draw(7, i).mask, draw(8, i).mask) for i in range(3))
+    # Another index or epoch draws another anomaly.
+    gen = PseudoAnomalyGenerator(seed=7)
+    assert not torch.equal(gen(goods[0], 0, force="anomaly").mask, gen(goods[0], 1, force="anomaly").mask)
+    assert not torch.equal(gen(goods[0], 0, force="anomaly").mask, gen(goods[0], 0, epoch=1, force="anomaly").mask)
+
+
+def test_batch_api_equals_the_per_image_calls(goods):
+    gen = PseudoAnomalyGenerator(seed=3)
+    images = torch.stack(goods[:4])
+    batch = gen.batch(images, start_index=10)
+    assert batch.images.shape == (4, 3, SIZE, SIZE) and batch.masks.shape == (4, SIZE, SIZE) and batch.labels.dtype == torch.long
+    for i in range(4):
+        single = gen(goods[i], 10 + i, other=goods[(i + 1) % 4])
+        assert torch.equal(batch.images[i], single.image) and torch.equal(batch.masks[i], single.mask)
+        assert batch.branches[i] == single.branch and int(batch.labels[i]) == single.label
+
+
+def test_dataset_wrapper_handles_normalisation_and_order():
+    base = SyntheticDefects("train", 4, SIZE, seed=0)  # ImageNet-normalised items
+    data = PseudoAnomalyDataset(base, seed=5, mode="paired")
+    assert len(data) == 8
+    later, earlier = data[7], data[1]  # any order: an item depends on (seed, epoch, index) only
+    assert torch.equal(data[7]["image"], later["image"]) and torch.equal(data[1]["mask"], earlier["mask"])
+    clean = data[2]
+    assert clean["label"] == 0 and clean["defect"] == "good" and clean["mask"].sum() == 0
+    torch.testing.assert_close(clean["image"], base[1]["image"], atol=1e-5, rtol=0)  # round trip through [0, 1]
+    item = data[3]
+    assert item["label"] == 1 and item["defect"] == f"pseudo_{item['branch']}" and item["mask"].dtype == torch.float32
+    unit = denormalize(item["image"])
+    outside = item["mask"] == 0
+    # Outside the mask the image stays (nearly: Poisson blends change pixels below the threshold).
+    assert (unit - denormalize(base[1]["image"])).abs().amax(0)[outside].max() <= PseudoAnomalyConfig().poisson_threshold + 1e-5
+    data.set_epoch(1)
+    assert not torch.equal(data[3]["mask"], item["mask"])
+    raw = PseudoAnomalyDataset([{"image": denormalize(base[0]["image"])}], normalization="none", mode="anomalous")
+    assert 0 <= float(raw[0]["image"].min()) and float(raw[0]["image"].max()) <= 1 and raw[0]["label"] == 1
+    loader = torch.utils.data.DataLoader(PseudoAnomalyDataset(base, seed=1), batch_size=4)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and len(batch["branch"]) == 4
+
+
+def test_dataset_wrapper_refuses_anomalous_items_and_bad_settings():
+    test = SyntheticDefects("test", 4, SIZE, seed=0)  # item 1 is anomalous
+    with pytest.raises(ValueError, match="good images only"):
+        PseudoAnomalyDataset(test)[1]
+    with pytest.raises(ValueError, match="normalization"):
+        PseudoAnomalyDataset(test, normalization="unit")
+    with pytest.raises(ValueError, match="mode"):
+        PseudoAnomalyDataset(test, mode="pairs")
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def test_perlin_noise_in_range_and_not_constant():
+    for res in ((1, 1), (2, 8), (32, 32), (5, 3)):
+        noise = perlin.perlin_noise((SIZE, 48), res, generator(0, *res))
+        assert noise.shape == (SIZE, 48) and torch.isfinite(noise).all()
+        assert noise.min() >= -1.0 and noise.max() <= 1.0
+        assert noise.std() > 0.05
+    # Zero on the lattice points (2-D gradient noise).
+    assert perlin.perlin_noise((SIZE, SIZE), (4, 4), generator(1))[::16, ::16].abs().max() < 1e-6
+    fbm = perlin.fbm_noise((SIZE, SIZE), generator(2), octaves=4)
+    assert fbm.abs().max() <= 1.0 and fbm.std() > 0.02
+    mask = perlin.perlin_mask((SIZE, SIZE), generator(3))
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("name", list(colour.COLOUR_OPS))
+def test_each_colour_op_changes_the_image_and_keeps_the_range(name):
+    g = torch.Generator().manual_seed(0)
+    image = 0.2 + 0.5 * torch.rand(3, SIZE, SIZE, generator=g)  # [0.2, 0.7]: autocontrast and solarize have work to do
+    out = colour.COLOUR_OPS[name](image, generator(0, name))
+    assert out.shape == image.shape and out.dtype == image.dtype
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert (out - image).abs().max() > 1e-3, f"{name} left the image unchanged"
+
+
+def test_three_distinct_colour_ops_and_hsv_round_trip():
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    _, names = colour.random_colour_ops(image, generator(4), 3)
+    assert len(set(names)) == 3 and set(names) <= set(colour.COLOUR_OPS)
+    torch.testing.assert_close(colour.hsv_to_rgb(colour.rgb_to_hsv(image)), image, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", PROCEDURAL_KINDS + (SKIMAGE_TEXTURES if skimage_available() else ()))
+def test_textures_are_images_with_structure(kind):
+    tex = texture(kind, (SIZE, 48), generator(0, kind))
+    assert tex.shape == (3, SIZE, 48) and tex.min() >= 0 and tex.max() <= 1
+    assert tex.std() > 0.01
+    assert torch.equal(tex, texture(kind, (SIZE, 48), generator(0, kind)))
+
+
+def test_poisson_blend_keeps_the_border_and_solves_the_equation(float64_default):
+    g = torch.Generator().manual_seed(0)
+    target, source = torch.rand(2, 12, 12, generator=g), torch.rand(2, 6, 7, generator=g)
+    top, left = 3, 2
+    out = poisson.poisson_blend(target, source, top, left, clamp=False)
+    interior = torch.zeros(12, 12, dtype=torch.bool)
+    interior[top + 1 : top + 5, left + 1 : left + 6] = True
+    assert torch.equal(out[:, ~interior], target[:, ~interior])  # the patch border and everything outside
+    # Dense solve of the same Dirichlet problem: for each interior pixel p, sum of neighbours - 4 f_p = lap(source)_p.
+    n, m = 4, 5
+    index = {(i, j): i * m + j for i in range(n) for j in range(m)}
+    lap = torch.zeros(n * m, n * m)
+    for (i, j), k in index.items():
+        lap[k, k] = -4.0
+        for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            if (i + di, j + dj) in index:
+                lap[k, index[i + di, j + dj]] = 1.0
+    for c in range(2):
+        s = source[c]
+        rhs = (s[2:, 1:-1] + s[:-2, 1:-1] + s[1:-1, 2:] + s[1:-1, :-2] - 4 * s[1:-1, 1:-1]).clone()
+        region = target[c, top : top + 6, left : left + 7]
+        for (i, j), _ in index.items():  # known border values move to the right-hand side
+            for di, dj in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                if (i + di, j + dj) not in index:
+                    rhs[i, j] -= region[i + 1 + di, j + 1 + dj]
+        dense = torch.linalg.solve(lap, rhs.reshape(-1)).reshape(n, m)
+        torch.testing.assert_close(out[c, top + 1 : top + 5, left + 1 : left + 6], dense, atol=1e-10, rtol=0)
+    # Blending an image's own patch gives the image back; mixed gradients keep the border too.
+    same = poisson.poisson_blend(target, target[:, top : top + 6, left : left + 7], top, left, clamp=False)
+    torch.testing.assert_close(same, target, atol=1e-10, rtol=0)
+    mixed = poisson.poisson_blend(target, source, top, left, gradient="mixed")
+    assert torch.equal(mixed[:, ~interior], target[:, ~interior])
+    with pytest.raises(ValueError, match="does not fit"):
+        poisson.poisson_blend(target, source, 8, 8)
+
+
+def test_foreground_restriction_keeps_masks_on_the_object():
+    image, disk = _disk_image()
+    foreground = priors.estimate_foreground(image)
+    assert (foreground == disk).float().mean() > 0.98
+    cfg = PseudoAnomalyConfig(category="bottle", rotation="none")
+    assert cfg.uses_foreground()
+    gen = PseudoAnomalyGenerator(cfg, seed=0)
+    for i in range(40):
+        s = gen(image, i, force="anomaly")
+        assert s.area >= cfg.min_area
+        assert (s.mask * (1 - foreground)).sum() == 0, f"sample {i} ({s.branch}) has mask pixels off the foreground"
+        assert torch.equal(s.image[:, foreground == 0], image[:, foreground == 0])
+    free = PseudoAnomalyGenerator(cfg.replace(foreground="off"), seed=0)
+    assert any((free(image, i, force="anomaly").mask * (1 - foreground)).sum() > 0 for i in range(40))
+
+
+def test_rotation_rules_per_category():
+    assert {c: priors.rotation_rule(c) for c in ("capsule", "metal_nut", "pill", "toothbrush", "transistor")} == dict.fromkeys(
+        ("capsule", "metal_nut", "pill", "toothbrush", "transistor"), "none")
+    assert all(priors.rotation_rule(c) == "small" for c in ("wood", "zipper", "cable"))
+    assert all(priors.rotation_rule(c) == "right_angles" for c in ("bottle", "grid", "hazelnut", "leather", "tile", "carpet", "screw"))
+    assert priors.rotation_rule("my_product") == "none" and priors.rotation_rule(None) == "none"
+    for i in range(50):
+        turns, degrees = priors.draw_rotation("small", generator(i))
+        assert turns == 0 and abs(degrees) <= 5
+        turns, degrees = priors.draw_rotation("right_angles", generator(i))
+        assert turns in (0, 1, 2, 3) and abs(degrees) <= 5
+        assert priors.draw_rotation("right_angles", generator(i), square=False)[0] in (0, 2)
+    assert {priors.draw_rotation("right_angles", generator(i))[0] for i in range(50)} == {0, 1, 2, 3}
+    assert PseudoAnomalyConfig(category="wood").rotation_rule() == "small"
+    assert PseudoAnomalyConfig(category="wood", rotation="none").rotation_rule() == "none"
+    image = torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    only_normal = dict(p_normal=1.0)
+    capsule = PseudoAnomalyGenerator(PseudoAnomalyConfig(category="capsule", **only_normal))
+    assert all(torch.equal(capsule(image, i).image, image) for i in range(5))
+    bottle = PseudoAnomalyGenerator(PseudoAnomalyConfig(category="bottle", **only_normal))
+    assert sum(not torch.equal(bottle(image, i).image, image) for i in range(5)) == 5
+
+
+def test_config_errors_name_the_field():
+    bad = [
+        (dict(p_normal=1.5), "p_normal"),
+        (dict(branch_weights={"texure": 1.0}), "unknown branch 'texure'"),
+        (dict(branch_weights={"texture": 0.0}), "branch_weights"),
+        (dict(branch_weights={"scar": -1.0}), "branch_weights"),
+        (dict(min_area=0.4), "min_area"),
+        (dict(max_attempts=0), "max_attempts"),
+        (dict(foreground="maybe"), "foreground"),
+        (dict(rotation="sideways"), "rotation"),
+        (dict(texture_sources=("dtd",)), "texture_sources"),
+        (dict(cutpaste_area=(0.2, 0.1)), "cutpaste_area"),
+        (dict(perlin_scales=(0, 2.5)), "perlin_scales"),
+        (dict(poisson_gradient="best"), "poisson_gradient"),
+        (dict(beta_max=float("nan")), "beta_max"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            PseudoAnomalyConfig(**kwargs)
+    assert PseudoAnomalyConfig(p_normal=1.0, branch_weights={"texture": 0.0}).p_normal == 1.0  # no anomalies needs no weight
+    cfg = PseudoAnomalyConfig(branch_weights={"texture": 3.0, "scar": 1.0})
+    assert cfg.weights == {"texture": 0.75, "cutpaste": 0.0, "scar": 0.25, "poisson": 0.0}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.p_normal = 0.1  # type: ignore[misc]
+    assert json.loads(json.dumps(cfg.to_dict()))["branch_weights"]["texture"] == 3.0
+    with pytest.raises(ValueError, match="denormalise"):
+        PseudoAnomalyGenerator()(normalize(torch.rand(3, 8, 8)), 0)
+    with pytest.raises(ValueError, match="force"):
+        PseudoAnomalyGenerator()(torch.rand(3, 8, 8), 0, force="yes")
+    with pytest.raises(TypeError, match="PseudoAnomalyConfig"):
+        PseudoAnomalyGenerator({"p_normal": 0.5})  # type: ignore[arg-type]
+
+
+def test_holdout_split_is_fixed_and_partitions(tmp_path):
+    files = [tmp_path / f"{i:03d}.png" for i in range(10)]
+    kept, held = holdout_split(files, 0.3)
+    assert len(held) == 3 and sorted(kept + held) == sorted(files)
+    assert holdout_split(list(reversed(files)), 0.3) == (kept, held)
+    assert len(holdout_split(files[:2], 0.01)[1]) == 1 and len(holdout_split(files[:2], 0.99)[0]) == 1
+    with pytest.raises(ValueError, match="holdout"):
+        holdout_split(files, 1.0)
+
+
+@pytest.mark.gpu
+def test_generator_runs_on_cuda_and_matches_the_draws(goods):
+    gen = PseudoAnomalyGenerator(seed=0)
+    for i in range(8):
+        cpu = gen(goods[i % 8], i, other=goods[(i + 1) % 8])
+        cuda = gen(goods[i % 8].cuda(), i, other=goods[(i + 1) % 8].cuda())
+        assert cuda.image.device.type == "cuda" and cuda.branch == cpu.branch
+        assert (cuda.mask.cpu() != cpu.mask).float().mean() < 0.01
+        again = gen(goods[i % 8].cuda(), i, other=goods[(i + 1) % 8].cuda())
+        assert torch.equal(again.image, cuda.image)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pseudo_data")
+    write_synthetic_dataset(root, "syn", num_train=8, num_test=4, input_size=SIZE, seed=0)
+    return root
+
+
+def test_gallery_command_end_to_end(dataset, tmp_path):
+    out = tmp_path / "gallery"
+    args = ["pseudo-anomalies", "--data", str(dataset), "--category", "syn", "--out", str(out), "--count", "6", "--seed", "3", "--input-size", str(SIZE)]
+    assert cli.main(args) == 0
+    with open(out / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and set(rows[0]) == {"image", "mask", "overlay", "source", "branch", "label", "mask_area", "attempts"}
+    for row in rows:
+        image = np.asarray(Image.open(out / row["image"]))
+        mask = np.asarray(Image.open(out / row["mask"]))
+        assert image.shape == (SIZE, SIZE, 3) and mask.shape == (SIZE, SIZE)
+        assert set(np.unique(mask)) <= {0, 255} and row["branch"] in BRANCHES + ("fallback",) and row["label"] == "1"
+        assert math.isclose(float(row["mask_area"]), (mask > 0).mean(), abs_tol=1e-6)
+        assert Image.open(out / row["overlay"]).size == (3 * SIZE + 8, SIZE)  # image | overlay | mask
+        assert "syn/train/good" in row["source"]
+    assert Image.open(out / "contact_sheet.png").size[0] > 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["seed"] == 3 and settings["config"]["category"] == "syn"
+    first = (out / rows[0]["image"]).read_bytes()
+    assert cli.main(args) == 0  # same seed, same gallery; the old samples/ is replaced whole
+    assert (out / rows[0]["image"]).read_bytes() == first
+    assert not (out / ".msflow-fast.lock").exists()
+    only = tmp_path / "scars"
+    assert cli.main(args[:6] + [str(only), "--count", "3", "--branch", "scar", "--input-size", str(SIZE)]) == 0
+    with open(only / "index.csv", newline="") as f:
+        assert {r["branch"] for r in csv.DictReader(f)} <= {"scar", "fallback"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pseudo_run")
+    rc = cli.main([
+        "train", "--model", "fastflow", "--data", str(dataset), "--category", "syn", "--out", str(run), "--epochs", "1",
+        "--batch-size", "4", "--no-progress", "--input-size", str(SIZE), "--backbone", "resnet18", "--no-pretrained", "--flow-steps", "1",
+    ])
+    assert rc == 0
+    return run
+
+
+def test_eval_pseudo_anomalies_on_a_trained_checkpoint(dataset, checkpoint, capsys):
+    real = (checkpoint / "metrics.json").read_text()
+    base = ["eval", "--data", str(dataset), "--category", "syn", "--checkpoint", str(checkpoint / "last.pt"), "--no-progress"]
+    assert cli.main(base + ["--pseudo-anomalies"]) == 0
+    assert "pseudo-anomaly estimate" in capsys.readouterr().out
+    metrics = json.loads((checkpoint / "pseudo_eval" / "metrics.json").read_text())
+    assert metrics["estimate"] == "pseudo_anomalies" and "not a test-set result" in metrics["note"]
+    details = metrics["pseudo_anomalies"]
+    assert details["test_good"] == 2 and details["train_holdout"] == 0 and details["holdout"] is None
+    assert metrics["num_images"] == 4 and metrics["num_anomalous"] == 2  # each good test image unchanged and once anomalous
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert sum(details["branch_counts"].values()) == 2 and set(details["branch_image_auroc"]) == set(details["branch_counts"])
+    assert (checkpoint / "metrics.json").read_text() == real  # the training run's test metrics are untouched
+    out = checkpoint / "holdout_eval"
+    assert cli.main(base + ["--pseudo-anomalies", "--holdout", "0.25", "--out", str(out), "--pseudo-seed", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pseudo_anomalies"]["train_holdout"] == 2 and metrics["num_images"] == 8
+    assert len(metrics["pseudo_anomalies"]["holdout"]["files"]) == 2
+    assert any("held-back training images" in w for w in metrics["warnings"])
+    capsys.readouterr()
+    assert cli.main(base + ["--holdout", "0.25"]) == 2
+    assert "add --pseudo-anomalies" in capsys.readouterr().err
+
+
+def test_eval_pseudo_anomalies_needs_unseen_good_images(dataset, checkpoint, tmp_path, capsys):
+    only_train = tmp_path / "data" / "syn"
+    (only_train / "train").mkdir(parents=True)
+    (only_train / "train" / "good").symlink_to(dataset / "syn" / "train" / "good")
+    rc = cli.main(["eval", "--data", str(tmp_path / "data"), "--category", "syn", "--checkpoint", str(checkpoint), "--pseudo-anomalies",
+                   "--out", str(tmp_path / "ev"), "--no-progress"])
+    assert rc == 2
+    assert "no good test images" in capsys.readouterr().err
