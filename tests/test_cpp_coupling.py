@@ -24,6 +24,22 @@ SHAPES = [
     for b, c, (h, w) in itertools.product((1, 3), (2, 3, 7, 64), ((1, 1), (7, 9), (13, 17)))
 ]
 SHAPE_IDS = [f"B{b}-C{c}-{h}x{w}" for b, c, h, w in SHAPES]
+# small planes (H * W < 64: fibers [B, C, 1, 1] as in CFlow, small maps) take tiled C++ kernels
+SMALL_SHAPES = [
+    (64, 7, 1, 1),
+    (64, 33, 1, 1),
+    (5, 128, 1, 1),
+    (3, 1025, 1, 1),  # chunks of 512 channels, the passive half ends inside one
+    (300, 64, 1, 1),  # several sample blocks
+    (2, 4099, 2, 2),  # one sample per tile, several channel ranges
+    (4, 7, 2, 2),
+    (3, 33, 4, 4),
+    (2, 3, 3, 5),
+    (2, 9, 7, 9),  # 63 pixels, the largest small plane
+    (2, 5, 8, 8),  # 64 pixels, the plane kernels
+]
+SMALL_IDS = [f"B{b}-C{c}-{h}x{w}" for b, c, h, w in SMALL_SHAPES]
+ALL_SHAPES, ALL_IDS = SHAPES + SMALL_SHAPES, SHAPE_IDS + SMALL_IDS
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -77,7 +93,7 @@ def _compare(name, fn_cpp, fn_ref, inputs, dtype, *, out_names=("y", "logdet"), 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("clamp_form", ref.CLAMP_FORMS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=ALL_IDS)
 def test_affine_coupling_matches_reference(shape, clamp_form, reverse, dtype):
     x, a, *_ = _block_inputs(shape, shape[1], torch.float64)
     kwargs = dict(clamp=CLAMP, clamp_form=clamp_form, reverse=reverse)
@@ -94,7 +110,7 @@ def test_affine_coupling_matches_reference(shape, clamp_form, reverse, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("affine_type", ref.AFFINE_TYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=ALL_IDS)
 def test_global_affine_permute_matches_reference(shape, affine_type, reverse, dtype):
     x, _, gamma, offset, perm = _block_inputs(shape, 1, torch.float64, affine_type)
     kwargs = dict(affine_type=affine_type, reverse=reverse)
@@ -112,7 +128,7 @@ def test_global_affine_permute_matches_reference(shape, affine_type, reverse, dt
 @pytest.mark.parametrize(
     ("clamp_form", "affine_type"), [(f, t) for f in ref.CLAMP_FORMS for t in ref.AFFINE_TYPES]
 )
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=ALL_IDS)
 def test_coupling_affine_permute_matches_reference(shape, clamp_form, affine_type, dtype):
     x, a, gamma, offset, perm = _block_inputs(shape, shape[1] // 2, torch.float64, affine_type)
     kwargs = dict(clamp=CLAMP, clamp_form=clamp_form, affine_type=affine_type)
@@ -153,6 +169,35 @@ def test_float32_clamp_approximations_over_every_range(clamp_form):
     finite = torch.isfinite(y_exact)
     torch.testing.assert_close(y[finite].double(), y_exact[finite], rtol=4e-6, atol=1e-6)
     assert torch.isnan(y[~finite]).all(), "NaN in the subnet output must propagate"
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("clamp_form", ref.CLAMP_FORMS)
+def test_float64_clamp_and_exp_over_every_range(clamp_form, reverse):
+    """The vectorised float64 tanh/atan/exp agree with the reference to a few ulp on every branch,
+    and their gradients too; NaN propagates."""
+    magnitudes = torch.cat(
+        [torch.zeros(1), torch.logspace(-300, 300, 601, dtype=torch.float64), torch.tensor([float("inf")])]
+    )
+    a_s = torch.cat([magnitudes, -magnitudes, torch.tensor([float("nan")])]).view(1, -1, 1, 1).to(DEVICE)
+    a = torch.cat([a_s, torch.randn_like(a_s)], dim=1)
+    x = torch.randn(1, a_s.shape[1], 1, 1, dtype=torch.float64, device=DEVICE)
+    kwargs = dict(clamp=CLAMP, clamp_form=clamp_form, reverse=reverse)
+    y, _ = cpp.affine_coupling(x, a, **kwargs)
+    y_ref, _ = ref.affine_coupling(x, a, **kwargs)
+    finite = torch.isfinite(y_ref)
+    assert finite.sum() == a_s.numel() - 1, "only the NaN input may give a non-finite output"
+    torch.testing.assert_close(y[finite], y_ref[finite], rtol=1e-14, atol=1e-13)  # atol: x e^s + t may cancel
+    assert torch.isnan(y[~finite]).all(), "NaN in the subnet output must propagate"
+    ok = torch.isfinite(a).all(dim=1, keepdim=True).expand_as(a).clone()
+    a_ok = torch.where(ok, a, torch.zeros_like(a)).requires_grad_()
+    x_ok = x.clone().requires_grad_()
+    gy = torch.randn_like(x)
+    grads = torch.autograd.grad(cpp.affine_coupling(x_ok, a_ok, **kwargs)[0], (x_ok, a_ok), gy)
+    grads_ref = torch.autograd.grad(ref.affine_coupling(x_ok, a_ok, **kwargs)[0], (x_ok, a_ok), gy)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-13)
+
 
 @pytest.mark.parametrize("layout", ["non_contiguous", "channels_last"])
 def test_strided_inputs_through_public_ops(layout):
@@ -246,6 +291,82 @@ def test_round_trips_are_exact_inverses():
     x_back, logdet_back = cpp.global_affine_permute(y, gamma, offset, perm, reverse=True)
     torch.testing.assert_close(x_back, x, rtol=0, atol=1e-12)
     torch.testing.assert_close(logdet + logdet_back, torch.zeros_like(logdet), rtol=0, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# small planes (H * W < 64: fibers [B, C, 1, 1] as in CFlow, small maps): the tiled kernels
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_small_planes_half_dtypes_compute_in_float32(dtype):
+    x, a, gamma, offset, perm = _block_inputs((64, 33, 1, 1), 16, torch.float64)
+    _compare(
+        "coupling_affine_permute",
+        lambda x, a, g, o: cpp.coupling_affine_permute(x, a, g, o, perm, clamp=CLAMP),
+        lambda x, a, g, o: ref.coupling_affine_permute(x, a, g, o, perm, clamp=CLAMP),
+        [x, a, gamma, offset],
+        dtype,
+        in_names=("x", "a", "global_scale", "global_offset"),
+    )
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 1, 1), (2, 5, 2, 2)], ids=["B3-C7-1x1", "B2-C5-2x2"])
+def test_small_planes_gradcheck(shape):
+    b, c, h, w = shape
+    x, a, gamma, offset, perm = _block_inputs(shape, c // 2, torch.float64)
+    a_full = 4.0 * torch.randn(b, 2 * c, h, w, dtype=torch.float64, device=DEVICE)
+    for reverse in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda x, a: cpp.affine_coupling(x, a, clamp=CLAMP, reverse=reverse),
+            (x.clone().requires_grad_(), a_full.clone().requires_grad_()),
+        )
+        assert torch.autograd.gradcheck(
+            lambda x, g, o: cpp.global_affine_permute(x, g, o, perm, reverse=reverse),
+            tuple(t.clone().requires_grad_() for t in (x, gamma, offset)),
+        )
+    assert torch.autograd.gradcheck(
+        lambda x, a, g, o: cpp.coupling_affine_permute(x, a, g, o, perm, clamp=CLAMP),
+        tuple(t.clone().requires_grad_() for t in (x, a, gamma, offset)),
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 0, 3), (0, 6, 1, 1)], ids=["no-pixels", "no-samples"])
+def test_empty_planes_and_batches(shape):
+    x, a, gamma, offset, perm = _block_inputs(shape, shape[1] // 2, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, a, gamma, offset)]
+    y, logdet = cpp.coupling_affine_permute(*leaves[:2], *leaves[2:], perm, clamp=CLAMP)
+    y_ref, logdet_ref = ref.coupling_affine_permute(x, a, gamma, offset, perm, clamp=CLAMP)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(logdet, logdet_ref)
+    grads = torch.autograd.grad((y.sum() + logdet.sum()), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU thread count")
+@pytest.mark.parametrize("shape", [(300, 64, 1, 1), (2, 4099, 2, 2)], ids=["sample-blocks", "channel-ranges"])
+def test_small_planes_results_do_not_depend_on_the_thread_count(shape):
+    x, a, gamma, offset, perm = _block_inputs(shape, shape[1] // 2, torch.float32)
+    passive = shape[1] - shape[1] // 2
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, a, gamma, offset)]
+        y, logdet = cpp.coupling_affine_permute(*leaves[:2], *leaves[2:], perm, clamp=CLAMP)
+        z, logdet_z = cpp.global_affine_permute(y, *leaves[2:], perm, reverse=True)
+        w, logdet_w = cpp.affine_coupling(z[:, passive:], leaves[1], clamp=CLAMP, reverse=True)
+        loss = (y * y).sum() + (w * w).sum() + (logdet + logdet_z + logdet_w).sum()
+        return [y, logdet, z, w, *torch.autograd.grad(loss, leaves)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        many = run()
+        torch.set_num_threads(1)
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    for first, second in zip(many, one):
+        assert torch.equal(first, second)
 
 
 # ---------------------------------------------------------------------------------------------

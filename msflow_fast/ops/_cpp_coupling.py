@@ -97,11 +97,17 @@ def _coupling_affine_permute_bwd_fake(grad_y, grad_logdet, x, a, global_scale, p
 # autograd
 
 
+def _contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype).contiguous()``, skipping ``to`` when ``t`` has that dtype (the call costs about a
+    microsecond even when it returns ``t``)."""
+    return (t if t.dtype == dtype else t.to(dtype)).contiguous()
+
+
 def _grads(x: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None):
     """Contiguous output gradients (``grad_logdet`` in the accumulation dtype); ``None`` becomes zeros."""
     acc = compute_dtype(x.dtype)
-    grad_y = torch.zeros_like(x) if grad_y is None else grad_y.to(x.dtype).contiguous()
-    grad_logdet = x.new_zeros((x.shape[0],), dtype=acc) if grad_logdet is None else grad_logdet.to(acc).contiguous()
+    grad_y = torch.zeros_like(x) if grad_y is None else _contiguous_as(grad_y, x.dtype)
+    grad_logdet = x.new_zeros((x.shape[0],), dtype=acc) if grad_logdet is None else _contiguous_as(grad_logdet, acc)
     return grad_y, grad_logdet
 
 
@@ -205,7 +211,7 @@ def affine_coupling(
 def _channel_param(param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     # [1, C, 1, 1] (or any shape with C elements) -> [C] in the accumulation dtype (never rounded to a
     # half x.dtype); autograd maps the gradient back to the parameter's shape and dtype.
-    return param.reshape(x.shape[1]).to(compute_dtype(x.dtype)).contiguous()
+    return _contiguous_as(param.reshape(x.shape[1]), compute_dtype(x.dtype))
 
 
 def global_affine_permute(
