@@ -144,6 +144,21 @@ def _find_mask(gt_dir: Path, image: Path, index: dict[str, list[Path]] | None = 
     )
 
 
+def category_folder(root: str | os.PathLike, category: str | None) -> tuple[Path, Path]:
+    """``(root, root / category)`` (``category=None``: ``(root, root)``), both checked to be folders.
+
+    Raises:
+        FileNotFoundError: a missing root or category folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root not found: {root}")
+    base = root / category if category else root
+    if not base.is_dir():
+        raise FileNotFoundError(f"category folder not found: {base} (check --data and --category)")
+    return root, base
+
+
 def _category_hint(base: Path) -> str:
     """A hint to pass ``--category`` when ``base`` is a dataset root (its folders hold train/ or test/), else ``""``."""
     categories = sorted(p.name for p in base.iterdir() if p.is_dir() and any((p / split).is_dir() for split in _SPLITS))
@@ -219,12 +234,7 @@ class MVTecDataset(Dataset):
                 "('loco' reads MVTec LOCO AD, through MVTecDataset itself or MVTecLocoDataset)"
             )
         self.size_hw = image_size_hw(input_size)
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root not found: {root}")
-        base = root / category if category else root
-        if not base.is_dir():
-            raise FileNotFoundError(f"category folder not found: {base} (check --data and --category)")
+        root, base = category_folder(root, category)
         split_dir = base / split
         if not split_dir.is_dir():
             raise FileNotFoundError(

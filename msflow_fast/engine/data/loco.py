@@ -45,7 +45,7 @@ from PIL import Image
 
 from ..._sizes import image_size_hw
 from .checks import fingerprint_files
-from .folders import MVTecDataset, _category_hint, _report, list_images
+from .folders import MVTecDataset, _category_hint, _report, category_folder, list_images
 from .images import IMAGE_EXTENSIONS, PIPELINE_VERSION, check_image_file, load_image
 
 __all__ = ["CONFIG_NAME", "LOCO_KINDS", "LOCO_SPLITS", "DefectType", "MVTecLocoDataset", "is_loco_folder", "read_defect_mask", "read_defects_config"]
@@ -266,12 +266,7 @@ class MVTecLocoDataset(MVTecDataset):
         if layout not in ("auto", "loco"):
             raise ValueError(f"layout: MVTecLocoDataset reads the 'loco' layout (or 'auto'), got {layout!r}; use MVTecDataset for others")
         self.size_hw = image_size_hw(input_size)
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root not found: {root}")
-        base = root / category if category else root
-        if not base.is_dir():
-            raise FileNotFoundError(f"category folder not found: {base} (check --data and --category)")
+        root, base = category_folder(root, category)
         split_dir = base / split
         if not split_dir.is_dir():
             raise FileNotFoundError(f"split folder not found: {split_dir} (expected the MVTec LOCO AD layout {_SHAPE}){_category_hint(base)}")
