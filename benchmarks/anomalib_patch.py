@@ -12,6 +12,12 @@ resnet18 layers 2-3 (8 coupling blocks, fibers of 64, condition 128) at 256 px b
 resnet18 (4 flow steps) at 256 px batch 4. CUDA: the same at larger batches. ``smoke``: 64 px,
 batch 2, two flow steps. Backbones are random (``pre_trained=False``; U-Flow's extractor, which
 always asks timm for pretrained weights, is built with ``pretrained=False``).
+
+Fiber blocks: one CFlow decoder block (anomalib's ``cflow_head`` block: condition 128, clamp 1.9,
+SOFTPLUS global affine, ``subnet_fc``) on fibers ``[N, C]``, forward in train mode and forward +
+backward, stock against patched (auto backend: the C++ op on CPU) and patched on the reference
+backend (``use_backend("reference")``, the pure-PyTorch maths). CPU: N 64 (CFlow's fiber batch)
+and 256, C 128/256 (resnet18 layers 2-3) and 1024 (wide_resnet50 layer 3); ``smoke``: N 64, C 33.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .harness import Job, Result, time_ms
+from .harness import Job, Result, throughput_row, time_ms
 
 
 def _settings(device: torch.device, smoke: bool) -> list[dict]:
@@ -65,6 +71,72 @@ def _build(cfg: dict):
         return cflow_torch.CflowModel(backbone="resnet18", layers=["layer2", "layer3"], pre_trained=False, fiber_batch_size=64, coupling_blocks=steps)
     with _no_pretrained_download():
         return uflow_torch.UflowModel(input_size=(size, size), flow_steps=steps, backbone="resnet18")
+
+
+def _fiber_settings(device: torch.device, smoke: bool) -> list[tuple[int, int]]:
+    if smoke:
+        return [(64, 33)]
+    scale = 4 if device.type == "cuda" else 1
+    return [(64 * scale, 128), (64 * scale, 256), (64 * scale, 1024), (256 * scale, 128), (256 * scale, 1024)]
+
+
+def _fiber_blocks(channels: int, device: torch.device):
+    """A stock CFlow decoder block and the patched one with its weights."""
+    from anomalib.models.components.flow import AllInOneBlock as StockBlock
+    from anomalib.models.image.cflow.utils import subnet_fc
+
+    from msflow_fast.integrations.anomalib import AnomalibAllInOneBlock
+
+    kwargs = dict(subnet_constructor=subnet_fc, affine_clamping=1.9, global_affine_type="SOFTPLUS")
+    torch.manual_seed(0)
+    stock = StockBlock([(channels,)], dims_c=[(128,)], **kwargs)
+    fused = AnomalibAllInOneBlock([(channels,)], dims_c=[(128,)], **kwargs)
+    fused.load_state_dict(stock.state_dict(), strict=True)
+    return stock.to(device).train(), fused.to(device).train()
+
+
+def _fiber_jobs(device: torch.device, min_run_time: float, smoke: bool, first: int) -> list[Job]:
+    from msflow_fast.ops import use_backend
+
+    out: list[Job] = []
+    for b, (n, channels) in enumerate(_fiber_settings(device, smoke)):
+        shape = f"N{n} C{channels} cond 128"
+        state: dict = {}
+
+        def setup(n=n, channels=channels, state=state):
+            if not state:
+                stock, fused = _fiber_blocks(channels, device)
+                x = torch.randn(n, channels, device=device, requires_grad=True)
+                cond = torch.randn(n, 128, device=device)
+                state.update(stock=stock, fused=fused, x=x, cond=cond, grad=torch.randn(n, channels, device=device))
+            return state
+
+        def run(provider: str, shape: str = shape, setup=setup) -> list[Result]:
+            state = setup()
+            block = state["stock"] if provider == "anomalib" else state["fused"]
+            x, cond, grad = state["x"], state["cond"], state["grad"]
+            backend = use_backend("reference") if provider == "msflow_fast (reference)" else contextlib.nullcontext()
+
+            def forward():
+                with torch.no_grad():
+                    return block([x], c=[cond])
+
+            def forward_backward():
+                (z,), logdet = block([x], c=[cond])
+                torch.autograd.backward((z, logdet), (grad, torch.ones_like(logdet)))
+                x.grad = None
+                for p in block.parameters():
+                    p.grad = None
+
+            with backend:
+                return [
+                    _row("block forward", provider, shape, device, time_ms(forward, device, min_run_time=min_run_time), n, "CFlow fiber block", unit="fibers/s"),
+                    _row("block fwd+bwd", provider, shape, device, time_ms(forward_backward, device, min_run_time=min_run_time), n, "CFlow fiber block", unit="fibers/s"),
+                ]
+
+        for j, provider in enumerate(("anomalib", "msflow_fast", "msflow_fast (reference)")):
+            out.append(Job(f"[anomalib_patch] fiber block {shape} {provider}", (first + b, j), lambda p=provider, run=run: run(p)))
+    return out
 
 
 def _models(cfg: dict, device: torch.device):
@@ -112,18 +184,15 @@ def _loss(name: str, model, images: torch.Tensor, optimizer) -> None:
                 optimizer.step()
 
 
-def _row(mode: str, provider: str, shape: str, device: torch.device, timing, images: int, op: str) -> Result:
-    median, p20, p80 = timing
-    return Result(
-        suite="anomalib_patch", op=op, provider=provider, mode=mode, shape=shape, dtype="float32", device=device.type,
-        median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{images / (median * 1e-3):.1f} img/s",
-    )
+def _row(mode: str, provider: str, shape: str, device: torch.device, timing, items: int, op: str, unit: str = "img/s") -> Result:
+    return throughput_row("anomalib_patch", op, mode, provider, shape, device, timing, items, unit)
 
 
 def jobs(device: torch.device, *, min_run_time: float = 0.5, smoke: bool = False) -> list[Job]:
-    """One job per (model, provider): the training step and inference."""
+    """One job per (model, provider): the training step and inference; then the fiber blocks."""
     out: list[Job] = []
-    for b, cfg in enumerate(_settings(device, smoke)):
+    settings = _settings(device, smoke)
+    for b, cfg in enumerate(settings):
         shape = f"B{cfg['batch']} {cfg['size']}px resnet18 {cfg['steps']} steps"
         state: dict = {}
 
@@ -136,7 +205,7 @@ def jobs(device: torch.device, *, min_run_time: float = 0.5, smoke: bool = False
         for j, provider in enumerate(("anomalib", "msflow_fast")):
             out.append(Job(f"[anomalib_patch] {cfg['model']} {shape} {provider}", (b, j),
                            lambda p=provider, s=shape, cfg=cfg, setup=setup: _run(p, s, cfg, setup(), device, min_run_time)))
-    return out
+    return out + _fiber_jobs(device, min_run_time, smoke, first=len(settings))
 
 
 def _run(provider: str, shape: str, cfg: dict, state: dict, device: torch.device, min_run_time: float) -> list[Result]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Job, Result, time_ms
+from .harness import Job, Result, throughput_row, time_ms
 
 BACKBONES = (("resnet18", True), ("wide_resnet50_2", False))  # (name, conv3x3_only): the presets
 
@@ -45,11 +45,7 @@ def _models(backbone: str, conv3x3_only: bool, size: int, steps: int, device: to
 
 
 def _row(mode: str, provider: str, shape: str, device: torch.device, timing, images: int) -> Result:
-    median, p20, p80 = timing
-    return Result(
-        suite="fastflow", op="FastFlow", provider=provider, mode=mode, shape=shape, dtype="float32", device=device.type,
-        median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{images / (median * 1e-3):.1f} img/s",
-    )
+    return throughput_row("fastflow", "FastFlow", mode, provider, shape, device, timing, images)
 
 
 def jobs(device: torch.device, *, with_compile: bool = True, min_run_time: float = 0.5, smoke: bool = False) -> list[Job]:

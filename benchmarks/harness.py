@@ -67,6 +67,17 @@ class Result:
     date: str = ""
 
 
+def throughput_row(suite: str, op: str, mode: str, provider: str, shape: str, device: torch.device,
+                   timing: tuple[float, float, float], items: int, unit: str = "img/s", note: str = "") -> Result:
+    """A float32 row of a model-level suite from ``timing = (median, p20, p80)`` ms (:func:`time_ms`),
+    with ``items / median`` per second (in ``unit``) and ``note`` in the notes column."""
+    median, p20, p80 = timing
+    return Result(
+        suite=suite, op=op, provider=provider, mode=mode, shape=shape, dtype="float32", device=device.type,
+        median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{items / (median * 1e-3):.1f} {unit}" + note,
+    )
+
+
 def versions() -> dict[str, str]:
     """Versions and the device name written beside every table."""
     import msflow_fast

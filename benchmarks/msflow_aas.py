@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from .harness import Job, Result, time_ms
+from .harness import Job, Result, throughput_row, time_ms
 
 
 def freia_composition(flow: nn.Module) -> nn.Module:
@@ -107,11 +107,7 @@ def _models(cfg: dict, device: torch.device):
 
 
 def _row(mode: str, provider: str, shape: str, device: torch.device, timing, images: int) -> Result:
-    median, p20, p80 = timing
-    return Result(
-        suite="msflow_aas", op="MS-Flow (AAS), interpretation", provider=provider, mode=mode, shape=shape, dtype="float32",
-        device=device.type, median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{images / (median * 1e-3):.1f} img/s",
-    )
+    return throughput_row("msflow_aas", "MS-Flow (AAS), interpretation", mode, provider, shape, device, timing, images)
 
 
 def jobs(device: torch.device, *, with_compile: bool = True, min_run_time: float = 0.5, smoke: bool = False) -> list[Job]:

@@ -30,7 +30,7 @@ EXIT_ERRORS, EXIT_BUDGET, EXIT_INTERRUPTED = 1, 124, 130
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suite", choices=("kernels", "block", "e2e", "fastflow", "epoch", "csflow", "msflow_aas", "anomalib_patch", "pseudo_anomaly", "all"), default="kernels")
+    p.add_argument("--suite", choices=("kernels", "block", "e2e", "fastflow", "epoch", "csflow", "msflow_aas", "anomalib_patch", "pseudo_anomaly", "dadf", "mlff", "all"), default="kernels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16"), default="float32")
     p.add_argument("--batch", type=int, default=None, help="batch of the flow-block kernels (MSFlow trains with 8; --smoke: 2)")
@@ -48,6 +48,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--bf16", action="store_true", help="add the end-to-end bf16-autocast line on CPU too (always on CUDA)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds after which no new case starts (the tables say what was skipped)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (torch.set_num_threads; default: torch's). On a shared host, 1 thread is far less "
+        "sensitive to other processes than a team of OpenMP threads waiting on each other",
+    )
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     p.add_argument("--name", default=None, help="file stem (default: <suite>-<device>-<date>)")
     args = p.parse_args(argv)
@@ -57,6 +64,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, key, preset[key])
     if args.smoke:
         args.no_compile = True
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
     return args
 
 
@@ -110,6 +119,14 @@ def _jobs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
         from . import pseudo_anomaly
 
         add(8, pseudo_anomaly.jobs(device, min_run_time=args.min_run_time, smoke=args.smoke))
+    if args.suite in ("dadf", "all"):
+        from . import dadf
+
+        add(9, dadf.jobs(device, min_run_time=args.min_run_time, smoke=args.smoke))
+    if args.suite in ("mlff", "all"):
+        from . import mlff
+
+        add(10, mlff.jobs(device, min_run_time=args.min_run_time, smoke=args.smoke))
     return jobs
 
 
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     started = time.monotonic()
     deadline = None if args.time_budget is None else started + args.time_budget
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     preset = SMOKE if args.smoke else DEFAULTS

@@ -49,6 +49,17 @@ def nan_poisoned_empty(monkeypatch):
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one CPU thread for a module (many small ops, where a second thread costs more than it
+    gives on a shared 2-core machine), restored afterwards. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def float64_default():
     """Make float64 the default dtype for one test (Jacobian and exact-maths tests)."""

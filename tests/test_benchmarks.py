@@ -172,6 +172,20 @@ def test_epoch_suite_smoke(out_dir):
     _check_markdown(md, "epoch", rows)
 
 
+def test_fastflow_suite_smoke(out_dir):
+    """The FastFlow suite: anomalib's eager FastflowModel against msflow_fast's FastFlow on the same weights."""
+    code, rows, md = _run(out_dir, "fastflow")
+    assert code == 0 and "## Errors" not in md, md
+    _check_rows(rows, "fastflow", "anomalib")
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        (p, m) for p in ("anomalib", "msflow_fast") for m in ("train step", "infer flows+head", "infer with backbone")
+    ]
+    for r in rows:
+        assert r["dtype"] == "float32" and r["shape"] == "B2 64px resnet18 3-3", r
+        assert re.fullmatch(r"[\d.]+ img/s", r["extra"]), r["extra"]
+    _check_markdown(md, "fastflow", rows)
+
+
 def test_csflow_suite_smoke(out_dir):
     """The CS-Flow suite: anomalib's eager CrossScaleFlow against msflow_fast on the same weights."""
     code, rows, md = _run(out_dir, "csflow")
@@ -184,6 +198,24 @@ def test_csflow_suite_smoke(out_dir):
         assert r["dtype"] == "float32" and r["shape"] == "B2 128px hidden 32", r
         assert re.fullmatch(r"[\d.]+ img/s", r["extra"]), r["extra"]
     _check_markdown(md, "csflow", rows)
+
+
+def test_dadf_suite_smoke(out_dir):
+    """The dadf suite: the eager composition (torch MultiheadAttention, FrEIA flows) against msflow_fast's DADF,
+    in float32 and with the transformer in bf16 (compared with the float32 reference)."""
+    code, rows, md = _run(out_dir, "dadf")
+    assert code == 0 and "## Errors" not in md, md
+    _check_rows(rows, "dadf", "reference")
+    modes = ("stage-1 step", "stage-2 step (cached)", "inference")
+    assert [(r["provider"], r["mode"]) for r in rows] == [(p, m) for p in ("reference", "msflow_fast") for m in modes] + [
+        ("msflow_fast-bf16", "stage-1 step"), ("msflow_fast-bf16", "inference")
+    ]
+    for r in rows:
+        assert r["dtype"] == ("bfloat16" if r["provider"] == "msflow_fast-bf16" else "float32"), r
+        assert r["shape"] == "B2 64px resnet18 D48 L1 K2", r
+        paired = "" if r["provider"] == "reference" else r"; paired [\d.]+x"
+        assert re.fullmatch(r"[\d.]+ img/s" + paired, r["extra"]), r["extra"]
+    _check_markdown(md, "dadf", rows)
 
 
 def test_msflow_aas_suite_smoke(out_dir):
@@ -206,7 +238,12 @@ def test_anomalib_patch_suite_smoke(out_dir):
     _check_rows(rows, "anomalib_patch", "anomalib")
     assert [(r["op"], r["provider"], r["mode"]) for r in rows] == [
         (op, p, m) for op in ("FastFlow", "CFlow", "U-Flow") for p in ("anomalib", "msflow_fast") for m in ("train step", "inference")
+    ] + [
+        ("CFlow fiber block", p, m)
+        for p in ("anomalib", "msflow_fast", "msflow_fast (reference)")
+        for m in ("block forward", "block fwd+bwd")
     ]
+    assert {r["shape"] for r in rows if r["op"] == "CFlow fiber block"} == {"N64 C33 cond 128"}
     _check_markdown(md, "anomalib_patch", rows)
 
 
@@ -218,6 +255,19 @@ def test_pseudo_anomaly_suite_smoke(out_dir):
     for r in rows:
         assert r["suite"] == "pseudo_anomaly" and float(r["median_ms"]) > 0 and re.fullmatch(r"[\d.]+ img/s", r["extra"]), r
     _check_markdown(md, "pseudo_anomaly", rows)
+
+
+def test_mlff_suite_smoke(out_dir):
+    """The mlff suite: both training steps and predict, for each fusion (no baseline provider)."""
+    code, rows, md = _run(out_dir, "mlff")
+    assert code == 0 and "## Errors" not in md, md
+    assert [(r["op"], r["mode"]) for r in rows] == [
+        (f"MLFF ({f} fusion), interpretation", m) for f in ("fpn", "concat") for m in ("student step", "segmentation step", "predict")
+    ]
+    for r in rows:
+        assert r["suite"] == "mlff" and r["provider"] == "msflow_fast" and r["shape"] == "B2 64px" and float(r["median_ms"]) > 0, r
+        assert re.fullmatch(r"[\d.]+ img/s", r["extra"]), r
+    _check_markdown(md, "mlff", rows)
 
 
 def test_time_budget_stops_and_says_so(tmp_path):
@@ -387,3 +437,16 @@ def test_cuda_timing_path_with_a_fake_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
     assert end_to_end._peak_memory_mb(cuda, lambda: None) == 3.0
     assert end_to_end._peak_memory_mb(CPU, lambda: None) is None
+
+
+def test_threads_option_sets_and_reports_the_thread_count(out_dir):
+    """``--threads N`` measures on N threads and says so in the header; bad counts are refused."""
+    before = torch.get_num_threads()
+    try:
+        code, rows, md = _run(out_dir, "kernels", "--ops", "gaussian_nll", "--threads", "1")
+        assert code == 0 and rows and torch.get_num_threads() == 1
+        assert "- device: cpu (" in md and ", 1 CPU threads)" in md, md
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        bench_run.main(["--suite", "kernels", "--smoke", "--threads", "0", "--out", str(out_dir)])

@@ -33,12 +33,7 @@ from msflow_fast.engine.pseudo_eval import holdout_split
 SIZE = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +148,27 @@ def test_dataset_wrapper_handles_normalisation_and_order():
     loader = torch.utils.data.DataLoader(PseudoAnomalyDataset(base, seed=1), batch_size=4)
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, SIZE, SIZE) and len(batch["branch"]) == 4
+
+
+def test_dataset_wrapper_clean_image_is_the_rotated_good_image():
+    base = SyntheticDefects("train", 4, SIZE, seed=0)
+    config = PseudoAnomalyConfig(category="grid", rotation="right_angles")  # quarter turns (+-5 degrees)
+    data = PseudoAnomalyDataset(base, config, seed=2, clean_image=True)
+    plain = PseudoAnomalyDataset(base, config, seed=2)
+    turned = 0
+    for i in range(4):
+        item = data[i]
+        assert torch.equal(item["image"], plain[i]["image"]) and "clean_image" not in plain[i]  # the same draws
+        good = denormalize(base[i]["image"])
+        clean = denormalize(item["clean_image"])
+        turns, degrees = priors.draw_rotation("right_angles", generator(2, 0, i), square=True)  # the sample's first draw
+        torch.testing.assert_close(clean, priors.apply_rotation(good, turns, degrees), atol=1e-5, rtol=0)
+        turned += turns != 0 or degrees != 0
+        if item["label"] == 0:
+            torch.testing.assert_close(item["clean_image"], item["image"], atol=0, rtol=0)
+        else:
+            assert (denormalize(item["image"]) - clean).abs().amax(0)[item["mask"] > 0].mean() > 0.02  # the anomaly is on the clean image
+    assert turned > 0
 
 
 def test_dataset_wrapper_refuses_anomalous_items_and_bad_settings():
@@ -419,3 +435,35 @@ def test_eval_pseudo_anomalies_needs_unseen_good_images(dataset, checkpoint, tmp
                    "--out", str(tmp_path / "ev"), "--no-progress"])
     assert rc == 2
     assert "no good test images" in capsys.readouterr().err
+
+
+def test_train_holdout_records_the_held_back_files_and_eval_uses_them(dataset, tmp_path, capsys):
+    from msflow_fast.engine.data import list_images
+
+    run = tmp_path / "run"
+    train = ["train", "--model", "fastflow", "--data", str(dataset), "--category", "syn", "--out", str(run), "--epochs", "1",
+             "--batch-size", "4", "--no-progress", "--input-size", str(SIZE), "--backbone", "resnet18", "--no-pretrained",
+             "--flow-steps", "1", "--no-eval"]
+    assert cli.main(train + ["--holdout", "0.25"]) == 0
+    assert "holding back 2 of 8 training images" in capsys.readouterr().out
+    record = json.loads((run / "holdout.json").read_text())
+    expected = holdout_split(list_images(dataset / "syn" / "train" / "good"), 0.25)[1]
+    assert record["fraction"] == 0.25 and record["kept"] == 6 and record["files"] == [str(p) for p in expected]
+    # eval reads the record: the held-back files are in, known unseen (no warning), without --holdout
+    base = ["eval", "--data", str(dataset), "--category", "syn", "--checkpoint", str(run / "last.pt"), "--no-progress", "--pseudo-anomalies"]
+    assert cli.main(base) == 0
+    metrics = json.loads((run / "pseudo_eval" / "metrics.json").read_text())
+    details = metrics["pseudo_anomalies"]
+    assert details["train_holdout"] == 2 and details["holdout"]["recorded"] is True and details["holdout"]["files"] == record["files"]
+    assert metrics["num_images"] == 8 and not any("held-back" in w for w in metrics["warnings"])
+    capsys.readouterr()
+    assert cli.main(base + ["--holdout", "0.5", "--out", str(tmp_path / "ev")]) == 2
+    assert "differs from the 0.25 the model was trained with" in capsys.readouterr().err
+    # a resumed run keeps the recorded selection and refuses another fraction
+    assert cli.main(train[:-1] + ["--epochs", "2", "--resume", "--holdout", "0.5"]) == 2
+    assert "differs from the 0.25 of the run being resumed" in capsys.readouterr().err
+    assert cli.main(train[:10] + ["2"] + train[11:] + ["--resume"]) == 0
+    assert json.loads((run / "holdout.json").read_text()) == record
+    # a new run without --holdout over it removes the stale record
+    assert cli.main(train + ["--overwrite"]) == 0
+    assert not (run / "holdout.json").exists()

@@ -242,6 +242,9 @@ def _add_train(p: argparse.ArgumentParser, model: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over in an --out that holds an earlier run (its files are removed)")
     p.add_argument("--checkpoint", default=None, help="resume from this checkpoint instead of <out>/last.pt")
     p.add_argument("--no-eval", action="store_true", help="skip the test-split evaluation after training")
+    from .pseudo import add_train_holdout_argument
+
+    add_train_holdout_argument(p)
     p.add_argument("--heatmaps", action="store_true", help="write heat-map overlays of the test images")
     _add_preset(p, cls)
     add_config_arguments(p, cls.config_class)
@@ -260,6 +263,9 @@ def _train_and_eval(args: argparse.Namespace, model: Any, out: Path, *, heatmaps
     test_set = None
     if not args.no_eval:
         test_set = MVTecDataset(args.data, args.category, "test", input_size=input_size, layout=args.layout)
+    from .pseudo import apply_train_holdout
+
+    apply_train_holdout(args, train_set, out, resuming=resume is not None)
     # Before epoch 1: every image and mask opens, masks fit their images (not hours later, at evaluation).
     train_set.check_files()
     if test_set is not None:

@@ -8,7 +8,10 @@ from typing import Any
 
 from .commands import _add_common, _device, _positive_int, _print_warnings
 
-__all__ = ["add_gallery_arguments", "add_pseudo_eval_arguments", "check_pseudo_flags", "run_gallery", "run_pseudo_eval"]
+__all__ = [
+    "add_gallery_arguments", "add_pseudo_eval_arguments", "add_train_holdout_argument", "apply_train_holdout", "check_pseudo_flags",
+    "run_gallery", "run_pseudo_eval",
+]
 
 
 def _fraction(text: str) -> float:
@@ -86,6 +89,46 @@ def run_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- train --holdout
+
+
+def add_train_holdout_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--holdout", type=_fraction, default=None, metavar="FRACTION",
+        help="hold back a fixed selection of this fraction of train/good (engine.pseudo_eval.holdout_split): training skips "
+        "them and <out>/holdout.json lists them, so eval --pseudo-anomalies can use them as unseen good images",
+    )
+
+
+def apply_train_holdout(args: argparse.Namespace, train_set: Any, out: Path, *, resuming: bool) -> None:
+    """``train --holdout``: drop the held-back files from ``train_set`` and record them in
+    ``out/holdout.json``. A resumed run keeps the recorded selection; a new run without
+    ``--holdout`` removes a stale record."""
+    import torch
+
+    from msflow_fast.engine.pseudo_eval import HOLDOUT_FILE, holdout_split, read_holdout, write_holdout
+
+    recorded = read_holdout(out) if resuming else None
+    if recorded is not None:
+        if args.holdout is not None and abs(args.holdout - recorded["fraction"]) > 1e-12:
+            raise ValueError(f"--holdout {args.holdout:g} differs from the {recorded['fraction']:g} of the run being resumed "
+                             f"({recorded['path']}); resume with --holdout {recorded['fraction']:g} or without --holdout")
+        held = {Path(p) for p in recorded["files"]}
+    elif args.holdout is not None:
+        held = set(holdout_split([s[0] for s in train_set.samples], args.holdout)[1])
+    else:
+        if not resuming and (out / HOLDOUT_FILE).exists():
+            (out / HOLDOUT_FILE).unlink()  # the record of the earlier run this one overwrites
+        return
+    kept = [s for s in train_set.samples if Path(s[0]) not in held]
+    train_set.samples = kept
+    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    if recorded is None and rank0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_holdout(out, args.holdout, sorted(held, key=lambda p: p.name), len(kept))
+        print(f"holding back {len(held)} of {len(held) + len(kept)} training images (listed in {out / HOLDOUT_FILE})")
+
+
 # ---------------------------------------------------------------------------------------------- eval --pseudo-anomalies
 
 
@@ -99,8 +142,9 @@ def add_pseudo_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--holdout", type=_fraction, default=None, metavar="FRACTION",
-        help="with --pseudo-anomalies: also use a fixed selection of this fraction of train/good (engine.pseudo_eval.holdout_split); "
-        "only valid for a model trained without those files (the checkpoint cannot tell: a warning says so)",
+        help="with --pseudo-anomalies: also use a fixed selection of this fraction of train/good (engine.pseudo_eval.holdout_split). "
+        "The files a train --holdout run held back (its holdout.json, next to the checkpoint) are used without this flag; "
+        "without such a record the selection is only valid for a model trained without those files (a warning says so)",
     )
     group.add_argument("--pseudo-seed", type=int, default=0, help="with --pseudo-anomalies: the generator's seed (default: 0)")
 
@@ -111,7 +155,10 @@ def run_pseudo_eval(args: argparse.Namespace, model: Any, state: dict, device: A
     from msflow_fast.engine.run_folder import RunLock
 
     out = Path(args.out) if args.out else Path(state["path"]).parent / "pseudo_eval"
-    files, source = pseudo_eval_images(args.data, args.category, layout=args.layout, holdout=args.holdout)
+    from msflow_fast.engine.pseudo_eval import read_holdout
+
+    recorded = read_holdout(Path(state["path"]).parent)
+    files, source = pseudo_eval_images(args.data, args.category, layout=args.layout, holdout=args.holdout, recorded=recorded)
     config = PseudoAnomalyConfig(category=args.category or Path(args.data).name, rotation="none")
     with RunLock(out, "pseudo-anomaly evaluation"):
         metrics = evaluate_pseudo_anomalies(

@@ -4,12 +4,15 @@ Which good images (they must be unseen by the model):
 
 - ``test/good`` (``test/ok`` in the BTAD layout; MVTec LOCO AD's ``test/good``) of the category: ``msflow-fast train`` trains on
   ``train/good`` only, so these are never seen. Defect folders under ``test/`` are ignored.
-- with ``holdout=FRACTION``, also a fixed selection of the ``train/good`` files
+- the ``train/good`` files that ``msflow-fast train --holdout FRACTION`` held back: it trains on
+  ``holdout_split(files, FRACTION)[0]`` and lists the held-back files in :data:`HOLDOUT_FILE` next
+  to the checkpoint (:func:`write_holdout`); ``eval --pseudo-anomalies`` reads that record
+  (:func:`read_holdout`) and adds them, known unseen.
+- with ``holdout=FRACTION`` and no record, a fixed selection of the ``train/good`` files
   (:func:`holdout_split`: the files sorted by name, a permutation of ``torch.Generator`` seeded
-  with :data:`HOLDOUT_SEED`, its first ``round(FRACTION * n)``). Checkpoints record no list of
-  training files, so this cannot be checked: the images are unseen only if the model was trained
-  on ``holdout_split(files, FRACTION)[0]`` (the Python API; the CLI's ``train`` reads every file
-  of ``train/good``). The result carries a warning saying so.
+  with :data:`HOLDOUT_SEED`, its first ``round(FRACTION * n)``): the selection ``train --holdout``
+  makes, but without its record this cannot be checked: the images are unseen only if the model
+  was trained without them. The result carries a warning saying so.
 
 Each good image gives two items (:class:`PseudoAnomalyDataset` ``mode="paired"``): itself,
 unchanged (label 0), and a pseudo-anomalous version (label 1; mixture branches by their weights,
@@ -21,6 +24,7 @@ and the image AUROC of each branch against the unchanged images under ``"pseudo_
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,9 +38,14 @@ from .data.pseudo_anomaly import PseudoAnomalyConfig, PseudoAnomalyDataset
 from .evaluate import evaluate
 from .metrics import auroc
 
-__all__ = ["ESTIMATE_NOTE", "HOLDOUT_SEED", "evaluate_pseudo_anomalies", "good_folders", "holdout_split", "pseudo_eval_images"]
+__all__ = [
+    "ESTIMATE_NOTE", "HOLDOUT_FILE", "HOLDOUT_SEED", "evaluate_pseudo_anomalies", "good_folders", "holdout_split", "pseudo_eval_images",
+    "read_holdout", "write_holdout",
+]
 
 HOLDOUT_SEED = 0
+HOLDOUT_FILE = "holdout.json"
+"""The record ``train --holdout`` writes next to its checkpoint: the held-back ``train/good`` files."""
 ESTIMATE_NOTE = (
     "pseudo-anomaly estimate: synthetic defects drawn on good images the model did not train on; not a test-set "
     "result (real defects may be easier or harder to find)"
@@ -65,6 +74,32 @@ def holdout_split(files: Sequence[str | os.PathLike], fraction: float, seed: int
     return kept, held
 
 
+def write_holdout(folder: str | os.PathLike, fraction: float, held: Sequence[str | os.PathLike], kept: int) -> Path:
+    """Write :data:`HOLDOUT_FILE` in ``folder``: ``{"fraction", "seed", "kept", "files"}`` (the
+    held-back files, as given); atomic. Returns its path."""
+    record = {"fraction": float(fraction), "seed": HOLDOUT_SEED, "kept": int(kept), "files": [str(p) for p in held]}
+    return atomic_write_json(Path(folder) / HOLDOUT_FILE, record)
+
+
+def read_holdout(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The :data:`HOLDOUT_FILE` record in ``folder`` (``"files"`` as paths), or ``None`` without one.
+
+    Raises:
+        ValueError: a record that is not one (names the file).
+    """
+    path = Path(folder) / HOLDOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        files = [Path(f) for f in record["files"]]
+        fraction = float(record["fraction"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a holdout record written by msflow-fast train --holdout ({type(exc).__name__}: {exc}); "
+                         "remove it or train again") from None
+    return {**record, "fraction": fraction, "files": files, "path": str(path)}
+
+
 def good_folders(root: str | os.PathLike, category: str | None = None, *, layout: str = "auto") -> tuple[Path, Path]:
     """``(test good folder, train good folder)`` of a category (``good/``, or ``ok/`` for BTAD); they may not exist.
 
@@ -85,26 +120,52 @@ def good_folders(root: str | os.PathLike, category: str | None = None, *, layout
 
 def pseudo_eval_images(
     root: str | os.PathLike, category: str | None = None, *, layout: str = "auto", holdout: float | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> tuple[list[Path], dict[str, Any]]:
     """The good images to evaluate on (module docstring) and a description of where they came from.
 
+    Args:
+        holdout: the fraction of ``train/good`` to add (:func:`holdout_split`) when there is no record.
+        recorded: :func:`read_holdout`'s record of the training run: its held-back files are added
+            (``holdout``, if given, must be its fraction).
+
     Raises:
-        FileNotFoundError: no such category folder, or no good test images and no ``holdout``.
+        FileNotFoundError: no such category folder, no good test images and nothing held back, or
+            a recorded file that is gone.
+        ValueError: ``holdout`` differs from the recorded fraction.
     """
     test_dir, train_dir = good_folders(root, category, layout=layout)
     test_files = list_images(test_dir) if test_dir.is_dir() else []
     held: list[Path] = []
-    if holdout is not None:
+    if recorded is not None:
+        if holdout is not None and abs(float(holdout) - recorded["fraction"]) > 1e-12:
+            raise ValueError(
+                f"--holdout {holdout:g} differs from the {recorded['fraction']:g} the model was trained with "
+                f"({recorded.get('path', HOLDOUT_FILE)}); omit --holdout to use the recorded files"
+            )
+        held = [Path(p) for p in recorded["files"]]
+        elsewhere = [str(p) for p in held if p.parent.resolve() != train_dir.resolve()]
+        if elsewhere:
+            raise ValueError(f"{recorded.get('path', HOLDOUT_FILE)} lists training images outside {train_dir} (e.g. {elsewhere[0]}): "
+                             "the model was trained on another dataset or category; check --data and --category")
+        missing = [str(p) for p in held if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"held-back training images listed in {recorded.get('path', HOLDOUT_FILE)} are gone: "
+                                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        holdout = recorded["fraction"]
+    elif holdout is not None:
         held = holdout_split(list_images(train_dir), holdout)[1]
     if not test_files and not held:
         raise FileNotFoundError(
             f"no good test images in {test_dir}: the pseudo-anomaly estimate needs good images the model did not train on; "
-            f"move a few good images there before training (msflow-fast train reads only {train_dir}), or pass "
-            "--holdout FRACTION to hold back training images (only valid if the model was trained without them)"
+            f"move a few good images there before training (msflow-fast train reads only {train_dir}), train with "
+            "msflow-fast train --holdout FRACTION (it records the images it held back), or pass --holdout FRACTION here "
+            "(only valid if the model was trained without those images)"
         )
     info = {
         "test_good": len(test_files), "test_folder": str(test_dir), "train_holdout": len(held),
-        "holdout": None if holdout is None else {"fraction": float(holdout), "seed": HOLDOUT_SEED, "files": [str(p) for p in held]},
+        "holdout": None if holdout is None else {"fraction": float(holdout), "seed": HOLDOUT_SEED, "files": [str(p) for p in held],
+                                                 "recorded": recorded is not None},
     }
     return test_files + held, info
 
@@ -148,11 +209,11 @@ def evaluate_pseudo_anomalies(
     data = PseudoAnomalyDataset(ImageFolderDataset(list(files), input_size=model.input_size), config, seed=seed, mode="paired")
     source = dict(source or {})
     warnings = []
-    if source.get("train_holdout"):
+    if source.get("train_holdout") and not (source.get("holdout") or {}).get("recorded"):
         warnings.append(
             f"{source['train_holdout']} held-back training images are in the estimate: they are unseen only if the model "
-            "was trained without them; checkpoints record no training file list (msflow-fast train reads every "
-            "train/good image), so a model trained on them gives an optimistic estimate"
+            "was trained without them; no holdout record (holdout.json, written by msflow-fast train --holdout) is next "
+            "to the checkpoint, so this cannot be checked: a model trained on them gives an optimistic estimate"
         )
     details = {
         "seed": seed, "config": config.to_dict(), "texture_entries": list(data.generator.sources),

@@ -23,6 +23,13 @@ Feature cache: a model's frozen part (``frozen_features``) runs once per image, 
 epoch; later epochs train on the kept features, with the same batches in the same order
 (:mod:`msflow_fast.engine.feature_cache` states the policy: when, where, keys, DDP).
 
+Epoch-dependent data: a dataset with ``set_epoch`` (DataLoader's dataset included) is told
+``set_epoch(stage_index * 100000 + epoch)`` before every epoch (a DataLoader with
+``persistent_workers=True`` keeps its workers' copies and would not see it). A stage for which
+``model.pseudo_anomalies(stage)`` declares pseudo anomalies trains on the good images wrapped in
+:class:`~.data.pseudo_anomaly.PseudoAnomalyDataset` (masks, labels and ``"clean_image"`` in every
+batch; new anomalies every epoch); the feature cache is off there.
+
 Per step the loop reads the device once (the reported loss and the gradient norm together, to stop
 on a non-finite value before the step is applied). Input images on the CPU are checked for NaN/inf
 before they move to the device, except from datasets of decoded files (8-bit, always finite).
@@ -53,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from ..models import checkpoint as model_checkpoint
 from ..models.base import TrainRecipe, TrainStage, as_batch, batch_paths
 from .data import check_finite_images, decoded_finite, deterministic_items
+from .data.pseudo_anomaly import PseudoAnomalyConfig, PseudoAnomalyDataset
 from .feature_cache import CACHE_MODES, INDEX_KEY, CacheReport, FeatureCache, IndexDataset, IndexedDataset, cache_key, memory_budget, storage_dtype
 from .optim import EpochSchedule, make_optimizer
 from .run_folder import RUN_FILES, RunLock, remove_stale_temporaries
@@ -154,6 +162,9 @@ class _Loader:
         self.one_shot = False
         self.cache = cache
         self.cache_loader: DataLoader | None = None
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        # A dataset whose items depend on the epoch (pseudo anomalies drawn anew) is told each epoch.
+        self.epoch_dataset = dataset if callable(getattr(dataset, "set_epoch", None)) else None
         if isinstance(data, DataLoader):
             self.loader: Any = data
             if distributed and not isinstance(data.sampler, DistributedSampler) and not isinstance(data.dataset, IterableDataset):
@@ -200,6 +211,8 @@ class _Loader:
             self.sampler.set_epoch(self.stage_index * 100_000 + epoch)
         if self.generator is not None:
             self.generator.manual_seed(_epoch_seed(self.seed, self.stage_index, epoch))
+        if self.epoch_dataset is not None:
+            self.epoch_dataset.set_epoch(self.stage_index * 100_000 + epoch)
 
 
 def _amp_dtype(amp: Any) -> torch.dtype | None:
@@ -299,7 +312,9 @@ def fit(
         model: a registered :class:`~msflow_fast.models.base.AnomalyModel` (or any module with
             ``loss(batch) -> scalar``; checkpoints need a registered model).
         data: a Dataset (items: tensor or dict with ``"image"``), a DataLoader, or any re-iterable of
-            batches (tensors ``[B, 3, H, W]`` or dicts with ``"image"``).
+            batches (tensors ``[B, 3, H, W]`` or dicts with ``"image"``). For a stage whose model
+            declares pseudo anomalies (``model.pseudo_anomalies(stage)``), a map-style Dataset of
+            good images, which ``fit`` wraps (see the module docstring).
         epochs, lr, batch_size, weight_decay: override every planned stage's setting (``None``:
             the recipe's). ``batch_size`` applies when ``data`` is a Dataset.
         grad_clip: maximum gradient norm per step; ``None``: the recipe's; ``False``: no clipping.
@@ -406,6 +421,9 @@ def _stage_cache(model: nn.Module, data: Any, stage: TrainStage, options: dict, 
             raise ValueError(f"feature_cache={mode!r} needs a map-style Dataset (items by index), got {type(data).__name__}; "
                              "pass the Dataset rather than a DataLoader or an iterable")
         return None, CacheReport("off", f"off: data is a {type(data).__name__}, not a map-style Dataset")
+    if forced and callable(getattr(data, "set_epoch", None)) and not deterministic_items(data):
+        raise ValueError(f"feature_cache={mode!r}: the training items change every epoch (the dataset has set_epoch, e.g. pseudo "
+                         "anomalies drawn anew), so their features cannot be computed once; use 'auto' or 'off'")
     if not forced and not deterministic_items(data):
         return None, CacheReport("off", "off: the dataset does not declare deterministic_items (random augmentation?)")
     if mode == "disk" and (out_dir is None or distributed):
@@ -469,6 +487,29 @@ def _cache_batch(cache: FeatureCache, model: nn.Module, batch: dict[str, Any], a
     out = {k: v for k, v in batch.items() if k not in ("image", "mask")}
     out["features"] = list(features)
     return out
+
+
+def _stage_data(model: nn.Module, data: Any, stage: TrainStage, seed: int | None) -> Any:
+    """The data ``stage`` trains on: ``data``, or, for a stage that declares pseudo anomalies
+    (``model.pseudo_anomalies(stage)``), ``data``'s good images wrapped in a
+    :class:`~.data.pseudo_anomaly.PseudoAnomalyDataset` yielding ``"clean_image"`` too."""
+    declared = model.pseudo_anomalies(stage.name) if callable(getattr(model, "pseudo_anomalies", None)) else None
+    if declared is None or isinstance(data, PseudoAnomalyDataset):
+        return data
+    if not isinstance(data, Dataset) or isinstance(data, IterableDataset):
+        raise ValueError(
+            f"data: stage {stage.name!r} of {type(model).__name__} trains on pseudo anomalies drawn on good images, which needs a "
+            f"map-style Dataset of good images (items by index), got {type(data).__name__}; pass the Dataset itself "
+            "(or a PseudoAnomalyDataset built with clean_image=True)"
+        )
+    fields = dict(declared)
+    if fields.get("category") is None and isinstance(getattr(data, "category", None), str):
+        fields["category"] = data.category  # the category's priors (rotation, foreground)
+    try:
+        config = PseudoAnomalyConfig(**fields)
+    except TypeError as exc:
+        raise TypeError(f"{type(model).__name__}.pseudo_anomalies({stage.name!r}): {exc}") from None
+    return PseudoAnomalyDataset(data, config, seed=seed or 0, clean_image=True)
 
 
 def _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle, num_workers,
@@ -540,14 +581,15 @@ def _fit(model, data, plan, amp_dtype, distributed, rank, world, device, shuffle
                 group["lr"] = base * schedule(first_epoch)
             scheduler.last_epoch = first_epoch
             scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        cache, cache_report = _stage_cache(model, data, stage, cache_options, out_dir, amp_dtype, distributed, rank)
+        stage_data = _stage_data(model, data, stage, seed)
+        cache, cache_report = _stage_cache(model, stage_data, stage, cache_options, out_dir, amp_dtype, distributed, rank)
         result.feature_cache[stage.name] = cache_report
-        loader = _Loader(data, stage, shuffle, num_workers, seed, stage_index, cache)
+        loader = _Loader(stage_data, stage, shuffle, num_workers, seed, stage_index, cache)
         if loader.one_shot and total_epochs - done > 1:
             raise TypeError("data: a one-shot iterator can only be used for one epoch; pass a list, Dataset or DataLoader")
         model.train()
         try:
-            _run_stage(model, loss_module, loader, cache, data, optimizer, scheduler, params, scaler, stage, plan, first_epoch,
+            _run_stage(model, loss_module, loader, cache, stage_data, optimizer, scheduler, params, scaler, stage, plan, first_epoch,
                        amp_dtype, device, distributed, world, rank, finite_data, ckpt_path, show, history, seed, result, started,
                        last_good)
         finally:

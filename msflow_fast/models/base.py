@@ -13,6 +13,10 @@ through this module:
 - :func:`as_batch`: the batch dict ``loss`` receives: ``"image"`` ``[B, 3, H, W]`` and, where the
   data has them, ``"mask"`` ``[B, H, W]`` (non-zero = anomalous), ``"label"`` ``[B]``, ``"path"``
   and ``"defect"`` (lists of str). Models supervised by pseudo anomalies read the mask and label.
+- :meth:`AnomalyModel.pseudo_anomalies`: a model that trains on pseudo anomalies says so per stage
+  (the generator's settings, a plain dict); ``fit`` then wraps the good training images in the
+  engine's pseudo-anomaly dataset, draws new anomalies every epoch (``set_epoch``) and adds
+  ``"clean_image"`` ``[B, 3, H, W]`` to the batch: the good image before the anomaly was drawn on it.
   A model with a frozen part (:meth:`AnomalyModel.frozen_features`) also takes ``"features"``
   (its frozen part's outputs, a list of ``[B, ...]`` tensors) instead of ``"image"``: the engine
   computes them once per dataset and trains later epochs on the cache.
@@ -471,6 +475,20 @@ class AnomalyModel(nn.Module):
         config = {k: v for k, v in self.config.to_dict().items() if k != "pretrained"} if self.config is not None else None
         dtype = next((p.dtype for p in self.parameters() if p.requires_grad), None)
         return tensor_digest(frozen.state_dict(), {"model": self.name, "config": config, "dtype": str(dtype)})
+
+    def pseudo_anomalies(self, stage: str) -> Mapping[str, Any] | None:
+        """The pseudo anomalies the stage ``stage`` trains on, or ``None`` (the default): train on the
+        data as given.
+
+        A dict of ``PseudoAnomalyConfig`` fields (:mod:`msflow_fast.engine.data.pseudo_anomaly`; an
+        empty dict for its defaults): ``fit`` wraps a map-style dataset of good images in a
+        ``PseudoAnomalyDataset`` with them (the dataset's ``category``, where it has one and the dict
+        names none, picks the category's priors), calls its ``set_epoch`` every epoch (new anomalies
+        each epoch, a function of the seed, stage and epoch) and the batches carry ``"image"`` (the
+        corrupted image), ``"mask"``, ``"label"`` and ``"clean_image"``. Such inputs change every
+        epoch, so the feature cache is off for that stage.
+        """
+        return None
 
     def set_stage(self, stage: str) -> None:
         """Called by ``fit`` before the stage named ``stage`` of :meth:`recipe` runs (default: nothing)."""

@@ -64,6 +64,8 @@ class PseudoSample:
         label: 0 normal, 1 anomalous.
         branch: ``"normal"``, a branch of :data:`BRANCHES`, or ``"fallback"``.
         attempts: draws used (0 for a normal sample).
+        clean: float ``[3, H, W]`` in [0, 1]: the good image as it was before the anomaly was drawn
+            on it (rotated like ``image``), the target of a model that learns to undo anomalies.
     """
 
     image: torch.Tensor
@@ -71,6 +73,7 @@ class PseudoSample:
     label: int
     branch: str
     attempts: int
+    clean: torch.Tensor | None = None
 
     @property
     def area(self) -> float:
@@ -144,14 +147,14 @@ class PseudoAnomalyGenerator:
             raise ValueError(f"force: expected None, 'normal' or 'anomaly', got {force!r}")
         x = _check_image(image)
         if force == "normal":
-            return PseudoSample(x.clone(), torch.zeros(x.shape[-2:], device=x.device), 0, "normal", 0)
+            return PseudoSample(x.clone(), torch.zeros(x.shape[-2:], device=x.device), 0, "normal", 0, x)
         cfg = self.config
         rng = generator(self.seed, epoch, index)
         turns, degrees = draw_rotation(cfg.rotation_rule(), rng, square=x.shape[-1] == x.shape[-2])
         x = apply_rotation(x, turns, degrees)
         normal = uniform(rng, 0.0, 1.0) < cfg.p_normal
         if force is None and (normal or sum(self._weights) <= 0):
-            return PseudoSample(x, torch.zeros(x.shape[-2:], device=x.device), 0, "normal", 0)
+            return PseudoSample(x, torch.zeros(x.shape[-2:], device=x.device), 0, "normal", 0, x)
         branch = self._names[weighted_choice(rng, self._weights)]
         ctx = Context(cfg, self.sources, self._foreground(x), self._supplier(other))
         for attempt in range(1, cfg.max_attempts + 1):
@@ -160,11 +163,11 @@ class PseudoAnomalyGenerator:
                 continue
             out, mask = self._composite(x, proposal, ctx)
             if self._acceptable(x, out, mask):
-                return PseudoSample(out, mask, 1, branch, attempt)
+                return PseudoSample(out, mask, 1, branch, attempt, x)
         out, mask = fallback(x, rng, ctx)
         if ctx.area_ok(mask):
             out, mask = self._composite(x, (out, mask), ctx)
-        return PseudoSample(out.clamp(0.0, 1.0), mask, 1, "fallback", cfg.max_attempts + 1)
+        return PseudoSample(out.clamp(0.0, 1.0), mask, 1, "fallback", cfg.max_attempts + 1, x)
 
     def batch(
         self, images: torch.Tensor, start_index: int = 0, *, epoch: int = 0, others: torch.Tensor | None = None, force: str | None = None,
@@ -234,8 +237,9 @@ class PseudoAnomalyDataset(Dataset):
     Items: ``image`` (normalised as the base's: ImageNet for ``normalization="imagenet"``, else in
     [0, 1]), ``mask`` float ``[H, W]`` in {0, 1}, ``label`` int, ``branch`` str, ``defect``
     (``"good"`` or ``"pseudo_<branch>"``), ``path`` (the base item's, or ``""``) and ``index`` (of
-    the base item). An item is a function of (seed, epoch, index): call :meth:`set_epoch` each epoch
-    for new anomalies. Generation is many small per-image ops: on CPU use DataLoader workers
+    the base item); with ``clean_image=True`` also ``clean_image``, the good image before the
+    anomaly (rotated like ``image``, normalised the same way). An item is a function of (seed,
+    epoch, index): call :meth:`set_epoch` each epoch for new anomalies. Generation is many small per-image ops: on CPU use DataLoader workers
     (``num_workers > 0``, one torch thread each) rather than intra-op threads.
 
     Args:
@@ -249,12 +253,15 @@ class PseudoAnomalyDataset(Dataset):
             ``len(base)`` items, every one anomalous; ``"paired"``: ``2 * len(base)`` items, item
             ``2i`` the good image ``i`` unchanged and ``2i + 1`` an anomalous version of it (an
             evaluation set with both classes of every image).
+        clean_image: add the ``"clean_image"`` entry (for a student trained to reproduce a teacher's
+            features of the clean image from the corrupted one).
     """
 
     deterministic_items = False  # set_epoch changes the items: never feature-cached
 
     def __init__(
         self, base: Any, config: PseudoAnomalyConfig | None = None, *, seed: int = 0, normalization: str = "imagenet", mode: str = "mixture",
+        clean_image: bool = False,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization: expected 'imagenet' (the engine's datasets) or 'none' (images in [0, 1]), got {normalization!r}")
@@ -265,6 +272,7 @@ class PseudoAnomalyDataset(Dataset):
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
         self.base, self.normalization, self.mode = base, normalization, mode
+        self.clean_image = bool(clean_image)
         self.generator = PseudoAnomalyGenerator(config, seed)
         self.epoch = 0
         self.images_are_finite = decoded_finite(base)
@@ -314,7 +322,7 @@ class PseudoAnomalyDataset(Dataset):
 
         sample = self.generator(image, index, epoch=self.epoch, other=other, force=force)
         out = normalize(sample.image) if self.normalization == "imagenet" else sample.image
-        return {
+        item_out = {
             "image": out,
             "mask": sample.mask,
             "label": sample.label,
@@ -323,3 +331,6 @@ class PseudoAnomalyDataset(Dataset):
             "path": str(item.get("path", "")),
             "index": base_index,
         }
+        if self.clean_image:
+            item_out["clean_image"] = normalize(sample.clean) if self.normalization == "imagenet" else sample.clean
+        return item_out

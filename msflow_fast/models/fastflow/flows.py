@@ -4,11 +4,7 @@
 from __future__ import annotations
 
 from ...nn import AllInOneBlock, SequenceFlow, subnet_conv_relu
-
-
-def step_kernel(step: int, conv3x3_only: bool) -> int:
-    """The subnet kernel of flow step ``step``: 3, or 1 on odd steps unless ``conv3x3_only``."""
-    return 1 if step % 2 == 1 and not conv3x3_only else 3
+from ..stage_flow import step_kernel
 
 
 def build_stage_flow(
