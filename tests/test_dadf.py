@@ -98,13 +98,15 @@ def test_transformer_parameter_counts(name, maps, total, embed, heads):
     assert not any(b.requires_grad for b in t.buffers()) and "positions" not in t.state_dict()
 
 
-def test_r18_flow_and_norm_parameter_counts():
-    channels, grids = R18
+@pytest.mark.parametrize(("maps", "flow_params", "norm_params"), [(WRN50, 49_803_264, 11_010_048), (R18, 3_161_088, 2_752_512)],
+                         ids=["wide_resnet50_2", "resnet18"])
+def test_flow_and_norm_parameter_counts(maps, flow_params, norm_params):
+    channels, grids = maps
     flows = [build_scale_flow(3 * c, h, w, 8) for c, (h, w) in zip(channels, grids)]
     kernels = [[m.subnet[0].kernel_size[0] for m in f] for f in flows]
     assert kernels == [[3, 1] * 4] * 3 and all(m.subnet[0].groups == m.subnet[0].in_channels for f in flows for m in f)
-    assert sum(_count(f) for f in flows) == 3_161_088
-    assert sum(2 * 3 * c * h * w for c, (h, w) in zip(channels, grids)) == 2_752_512
+    assert sum(_count(f) for f in flows) == flow_params
+    assert sum(2 * 3 * c * h * w for c, (h, w) in zip(channels, grids)) == norm_params
 
 
 def test_shapes_per_stage(tiny):
@@ -114,8 +116,9 @@ def test_shapes_per_stage(tiny):
     prior = tiny.frozen_features(images)
     assert [tuple(f.shape) for f in prior] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
     rec = tiny.transformer(prior)
-    for r in (*rec.own, *rec.memory):
-        assert r.shape in [p.shape for p in prior]
+    assert [r.shape for r in rec.own] == [p.shape for p in prior] and [r.shape for r in rec.memory] == [p.shape for p in prior]
+    with pytest.raises(ValueError, match=r"\(h, w\) = \[\(16, 16\)"):
+        tiny.loss({"features": [p[..., :-1, :] for p in prior]})  # cached maps of another grid
     tiny.set_stage("flow")
     fused = tiny.frozen_features(images)
     assert [tuple(f.shape) for f in fused] == [(2, 192, 16, 16), (2, 384, 8, 8), (2, 768, 4, 4)]
@@ -156,7 +159,6 @@ def test_memorial_attention_is_a_convex_combination_of_memory_values():
     split = lambda t: t.view(2, 5, h, d // h).transpose(1, 2)  # noqa: E731
     q_m, k_x, v_m = split(memory @ w[:d].T + b[:d]), split(x @ w[d : 2 * d].T + b[d : 2 * d]), split(memory @ w[2 * d :].T + b[2 * d :])
     weights = torch.softmax(q_m @ k_x.transpose(-1, -2) / math.sqrt(d // h), dim=-1)  # queries: memory; keys: features
-    assert bool((weights >= 0).all()) and torch.allclose(weights.sum(-1), torch.ones((), dtype=F64))
     assert torch.allclose(recalled, (weights @ v_m).transpose(1, 2).reshape(2, 5, d), atol=1e-12)
     # inside the convex hull of the memory's value rows, coordinate by coordinate
     values = (memory @ w[2 * d :].T + b[2 * d :]).unsqueeze(1)
@@ -311,7 +313,11 @@ def test_registry_recipe_presets_and_bad_configs():
         ("depth", 0, "depth must be an int >= 1"),
         ("score", "mean", "score must be one of"),
         ("transformer_precision", "fp16", "transformer_precision must be one of"),
-        ("clamp_alpha", 0, "clamp_alpha must be a number > 0"),
+        ("clamp_alpha", 0, "clamp_alpha must be a finite number > 0"),
+        ("clamp_alpha", float("inf"), "clamp_alpha must be a finite number > 0"),
+        ("mlp_ratio", float("inf"), "mlp_ratio must be a finite number"),
+        ("mlp_ratio", 1e-6, "gives the dual blocks' MLP no hidden unit"),
+        ("out_indices", (1, 1, 2), "increasing without repeats"),
         ("out_indices", (), "out_indices must be a non-empty"),
         ("weights_tag", "", "weights_tag must be"),
         ("pretrained", 1, "pretrained must be a bool"),
@@ -472,6 +478,38 @@ def test_official_files_load_and_give_the_same_predictions(tiny, tmp_path):
         load_official(DADF(tiny.config.replace(embed_dim=20, num_heads=4)), {k: v for k, v in vit.items() if k != "pos_embed"})
     with pytest.raises(ValueError, match="not a DADF flow file"):
         load_official(fresh, flows={"state_dict": {}})
+
+
+def test_bad_official_files_say_so_and_leave_the_model_as_it_was(tiny, tmp_path):
+    vit = _official_files(tiny, tmp_path)
+    flows_file = tmp_path / "WResnet50_fuseflow.pt"
+    model = DADF(tiny.config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nan_memory = dict(vit, sem_token=torch.full_like(vit["sem_token"], float("nan")))
+    missing_head = {k: v for k, v in vit.items() if k != "decoder_pred1.bias"}
+    good_flows = torch.load(flows_file, weights_only=True)
+    bad_norms = dict(good_flows, model_norms_state_dict={"0.weight": torch.zeros(1)})
+    torch.save([1, 2, 3], tmp_path / "a_list.pth")
+    cases = [
+        ((nan_memory, None), "NaN or inf"),
+        ((missing_head, None), "missing"),
+        ((tmp_path / "a_list.pth", None), "must be a state dict"),
+        ((dict(vit, sem_token=3), None), "not a tensor"),
+        ((None, dict(good_flows, model_nf_flows=5)), "must be a state dict"),
+        ((vit, bad_norms), "does not match the model"),  # a good stage-1 file with a bad stage-2 file: nothing loads
+    ]
+    for (transformer, flows), message in cases:
+        with pytest.raises(ValueError, match=message):
+            load_official(model, transformer, flows)
+        after = model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), f"{message}: a failed load changed the model"
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran code",))
+
+    torch.save({"sem_token": Payload()}, tmp_path / "hostile.pth", _use_new_zipfile_serialization=True)
+    with pytest.raises(ValueError):
+        load_official(model, tmp_path / "hostile.pth")
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -85,11 +85,11 @@ def test_registered_as_an_interpretation(capsys):
     ("layers", (3, 1), "increasing order"),
     ("layers", (), "non-empty tuple"),
     ("aspp_rates", (0,), "non-empty tuple of ints >= 1"),
-    ("margin", 1.5, r"margin must be a number in \(0, 1\]"),
+    ("margin", 1.5, r"margin must be a finite number in \(0, 1\]"),
     ("margin_weight", -1.0, "margin_weight must be a finite number >= 0"),
     ("focal_gamma", float("nan"), "focal_gamma must be a finite number >= 0"),
     ("top_k", 0, "top_k must be an int >= 1"),
-    ("feature_weight", 0.0, "feature_weight must be a number > 0"),
+    ("feature_weight", 0.0, "feature_weight must be a finite number > 0"),
     ("pseudo_p_normal", 1.0, r"pseudo_p_normal must be a fraction in \[0, 1\)"),
     ("pretrained", 1, "pretrained must be a bool"),
     ("head_norm", "layer", "head_norm must be one of"),
@@ -370,6 +370,8 @@ def test_fit_calls_set_epoch_on_any_dataset_that_has_it():
     loader_data = _EpochRecorder()
     fit(_Linear(), DataLoader(loader_data, batch_size=2), epochs=2, progress=False)
     assert loader_data.calls == [0, 1]
+    with pytest.warns(UserWarning, match="persistent_workers=True"):
+        fit(_Linear(), DataLoader(_EpochRecorder(), batch_size=2, num_workers=1, persistent_workers=True), epochs=1, progress=False)
 
 
 def test_fit_trains_both_stages_on_new_pseudo_anomalies_every_epoch(tiny):
@@ -409,10 +411,12 @@ def test_fit_trains_both_stages_on_new_pseudo_anomalies_every_epoch(tiny):
     # the student changed in its stage and the head in its own (Adam moves every parameter with a gradient)
     assert any(not torch.equal(a, b) for a, b in zip(student0, model.student.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(head0, model.head.parameters()))
-    # the segmentation stage alone leaves the student as it is
-    student1 = [p.detach().clone() for p in model.student.parameters()]
+    # the segmentation stage alone leaves the student as it is, BatchNorm statistics included (eval mode)
+    student1 = [t.detach().clone() for t in model.student.state_dict().values()]
     fit(model, data, epochs=1, batch_size=4, stages=["segmentation"], seed=0, progress=False)
-    assert all(torch.equal(a, b) for a, b in zip(student1, model.student.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(student1, model.student.state_dict().values()))
+    with pytest.raises(ValueError, match="clean_image=True"):
+        fit(model, PseudoAnomalyDataset(data), epochs=1, progress=False)
     with pytest.raises(ValueError, match="map-style Dataset of good images"):
         fit(model, DataLoader(data, batch_size=2), epochs=1, progress=False)
     with pytest.raises(ValueError, match="change every epoch"):

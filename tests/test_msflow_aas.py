@@ -331,8 +331,8 @@ def test_recipe_and_bad_configs():
         ("wiring", "dense", "wiring must be one of"),
         ("score", "max", "score must be one of"),
         ("anomaly_map", "mean", "anomaly_map must be one of"),
-        ("top_k", 0.0, r"top_k must be a number in \(0, 1\]"),
-        ("clamp", -1.0, "clamp must be a number > 0"),
+        ("top_k", 0.0, r"top_k must be a finite number in \(0, 1\]"),
+        ("clamp", -1.0, "clamp must be a finite number > 0"),
         ("blocks_per_level", 0, "blocks_per_level must be an int >= 1"),
         ("pretrained", 1, "pretrained must be a bool"),
     ]:

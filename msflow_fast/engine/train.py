@@ -165,6 +165,13 @@ class _Loader:
         dataset = data.dataset if isinstance(data, DataLoader) else data
         # A dataset whose items depend on the epoch (pseudo anomalies drawn anew) is told each epoch.
         self.epoch_dataset = dataset if callable(getattr(dataset, "set_epoch", None)) else None
+        if self.epoch_dataset is not None and isinstance(data, DataLoader) and data.persistent_workers and data.num_workers > 0:
+            warnings.warn(
+                f"data: the DataLoader keeps its workers (persistent_workers=True), whose copies of the "
+                f"{type(dataset).__name__} do not see set_epoch: every epoch repeats the first one's items. "
+                "Pass persistent_workers=False, or the Dataset itself",
+                stacklevel=3,
+            )
         if isinstance(data, DataLoader):
             self.loader: Any = data
             if distributed and not isinstance(data.sampler, DistributedSampler) and not isinstance(data.dataset, IterableDataset):
@@ -494,7 +501,14 @@ def _stage_data(model: nn.Module, data: Any, stage: TrainStage, seed: int | None
     (``model.pseudo_anomalies(stage)``), ``data``'s good images wrapped in a
     :class:`~.data.pseudo_anomaly.PseudoAnomalyDataset` yielding ``"clean_image"`` too."""
     declared = model.pseudo_anomalies(stage.name) if callable(getattr(model, "pseudo_anomalies", None)) else None
-    if declared is None or isinstance(data, PseudoAnomalyDataset):
+    if declared is None:
+        return data
+    if isinstance(data, PseudoAnomalyDataset):
+        if not data.clean_image:
+            raise ValueError(
+                f"data: stage {stage.name!r} of {type(model).__name__} needs the clean images in its batches; build the "
+                "PseudoAnomalyDataset with clean_image=True, or pass the good images and let fit wrap them"
+            )
         return data
     if not isinstance(data, Dataset) or isinstance(data, IterableDataset):
         raise ValueError(

@@ -7,6 +7,8 @@ Call them from a config's ``__post_init__``: each reads ``config.<name>``, raise
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,12 +43,12 @@ def require_int(config: Any, name: str, low: int) -> None:
 
 
 def require_number(config: Any, name: str, *, above: float = 0.0, at_most: float | None = None) -> None:
-    """``config.<name>`` is a number in ``(above, at_most]`` (no upper bound when ``at_most`` is
-    None); stored back as a ``float``."""
+    """``config.<name>`` is a finite number in ``(above, at_most]`` (no upper bound when ``at_most``
+    is None); stored back as a ``float``."""
     value = getattr(config, name)
-    if not _is_number(value) or not value > above or (at_most is not None and value > at_most):
+    if not _is_number(value) or not math.isfinite(value) or not value > above or (at_most is not None and value > at_most):
         rule = f"in ({above:g}, {at_most:g}]" if at_most is not None else f"> {above:g}"
-        raise ValueError(f"{name} must be a number {rule}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number {rule}, got {value!r}")
     object.__setattr__(config, name, float(value))
 
 

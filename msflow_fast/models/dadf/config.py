@@ -68,10 +68,14 @@ class DADFConfig(ModelConfig):
         indices = tuple(self.out_indices) if not isinstance(self.out_indices, (str, bytes)) else ()
         if not indices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
             raise ValueError(f"out_indices must be a non-empty sequence of ints >= 0, got {self.out_indices!r}")
+        if list(indices) != sorted(set(indices)):
+            raise ValueError(f"out_indices must be increasing without repeats (the backbone's stages, finest first), got {self.out_indices!r}")
         object.__setattr__(self, "out_indices", indices)
         for name in ("embed_dim", "depth", "num_heads", "flow_steps"):
             require_int(self, name, 1)
         require_number(self, "mlp_ratio")
+        if int(self.token_dim * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives the dual blocks' MLP no hidden unit at token width {self.token_dim}; use a ratio such as 4.0")
         require_number(self, "clamp_alpha")
         require_choice(self, "score", SCORES)
         require_choice(self, "transformer_precision", PRECISIONS)

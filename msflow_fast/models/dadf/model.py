@@ -209,11 +209,12 @@ class DADF(AnomalyModel):
 
     def _check_maps(self, maps: Any, channels: list[int], stage: str) -> None:
         if not isinstance(maps, (list, tuple)) or len(maps) != len(channels) or any(
-            not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[1] != c for m, c in zip(maps, channels)
+            not isinstance(m, torch.Tensor) or m.dim() != 4 or m.shape[1] != c or tuple(m.shape[-2:]) != tuple(grid)
+            for m, c, grid in zip(maps, channels, self.grids)
         ):
             got = [tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__ for m in maps] if isinstance(maps, (list, tuple)) else type(maps).__name__
             raise ValueError(
-                f"stage {stage!r} takes {len(channels)} maps [B, C, h, w] with C = {channels}, got {got}; features cached in "
+                f"stage {stage!r} takes {len(channels)} maps [B, C, h, w] with C = {channels} and (h, w) = {self.grids}, got {got}; features cached in "
                 "one stage do not serve the other (call set_stage, or let fit build each stage's cache)"
             )
 

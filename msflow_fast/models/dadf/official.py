@@ -43,6 +43,20 @@ def _read(source: str | os.PathLike | Mapping, map_location: Any) -> tuple[Mappi
     raise TypeError(f"expected a path or a state dict, got {type(source).__name__}")
 
 
+def _tensor_dict(state: Any, where: str, what: str) -> dict[str, torch.Tensor]:
+    """``state`` as a dict of str -> finite tensor, else a ``ValueError`` naming ``where``."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{where}: {what} must be a state dict (a mapping of names to tensors), got {type(state).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"{where}: {what} entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{where}: {what} entry {key!r} holds NaN or inf values; the file is damaged or from a diverged run")
+        out[key] = value
+    return out
+
+
 def convert_vit_state(state: Mapping[str, torch.Tensor], where: str = "the state dict") -> dict[str, torch.Tensor]:
     """The official ``VIT`` state dict -> :class:`~.transformer.DualAttentionTransformer` keys
     (``pos_embed`` left out: it is fixed, and checked by :func:`load_official`).
@@ -78,8 +92,11 @@ def load_official(model: DADF, transformer: str | os.PathLike | Mapping | None =
     """
     if transformer is None and flows is None:
         raise ValueError("load_official needs transformer= (the *_CC.pth / *_LightCC.pth file) and/or flows= (the *_fuseflow.pt file)")
+    # Every file is read and checked against the model before anything is loaded: a bad file leaves the model as it was.
+    loads: list[tuple[torch.nn.Module, dict[str, torch.Tensor], str]] = []
     if transformer is not None:
-        state, where = _read(transformer, map_location)
+        raw, where = _read(transformer, map_location)
+        state = _tensor_dict(raw, where, "the stage-1 file")
         converted = convert_vit_state(state, where)
         positions = state.get("pos_embed")
         if positions is not None:
@@ -89,24 +106,30 @@ def load_official(model: DADF, transformer: str | os.PathLike | Mapping | None =
             ):
                 raise ValueError(f"{where}: its fixed positions {tuple(positions.shape)} differ from this model's "
                                  f"(1, {ours.shape[1] + 1}, {ours.shape[2]}); build the model for the file's input size and widths")
-        _load(model.transformer, converted, where)
+        loads.append((model.transformer, converted, where))
     if flows is not None:
         data, where = _read(flows, map_location)
         if not isinstance(data, Mapping) or "model_nf_flows" not in data or "model_norms_state_dict" not in data:
             raise ValueError(f"{where} is not a DADF flow file (no 'model_nf_flows' and 'model_norms_state_dict' entries)")
-        _load(model.flows, dict(data["model_nf_flows"]), where)
-        _load(model.norms, dict(data["model_norms_state_dict"]), where)
+        loads.append((model.flows, _tensor_dict(data["model_nf_flows"], where, "'model_nf_flows'"), where))
+        loads.append((model.norms, _tensor_dict(data["model_norms_state_dict"], where, "'model_norms_state_dict'"), where))
+    for module, state, where in loads:
+        _check_matches(module, state, where)
+    for module, state, _ in loads:
+        module.load_state_dict(state, strict=True)
     return model
 
 
-def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+def _check_matches(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """``state`` has exactly ``module``'s keys and shapes, else a ``ValueError`` saying what differs."""
     own = module.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items() if own[k].shape != v.shape]
     if wrong:
         raise ValueError(f"{where} does not match the model (another backbone, input size or width?): " + "; ".join(wrong[:4]))
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{where} does not match the model: missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}")
 
 
 __all__ = ["convert_vit_state", "load_official"]
