@@ -462,3 +462,9 @@ def test_cli_train_eval_predict_on_the_demo_data(tmp_path, capsys):
     assert rc == 0
     rows = list(csv.DictReader((tmp_path / "pred" / "scores.csv").open()))
     assert len(rows) == len(list((root / "syn" / "test" / "good").glob("*.png"))) and all(0.0 <= float(r["score"]) <= 1.0 for r in rows)
+    # a pseudo-anomaly estimate of a model trained on that generator says it is optimistic
+    rc = cli.main(["eval", "--data", str(root), "--category", "syn", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "pe"),
+                   "--no-progress", "--pseudo-anomalies"])
+    assert rc == 0
+    warnings = json.loads((tmp_path / "pe" / "metrics.json").read_text())["warnings"]
+    assert any("trained on pseudo anomalies from this generator (stages student, segmentation)" in w for w in warnings), warnings

@@ -409,6 +409,7 @@ def test_eval_pseudo_anomalies_on_a_trained_checkpoint(dataset, checkpoint, caps
     assert "pseudo-anomaly estimate" in capsys.readouterr().out
     metrics = json.loads((checkpoint / "pseudo_eval" / "metrics.json").read_text())
     assert metrics["estimate"] == "pseudo_anomalies" and "not a test-set result" in metrics["note"]
+    assert not any("trained on pseudo anomalies" in w for w in metrics["warnings"])  # a model trained on good images only
     details = metrics["pseudo_anomalies"]
     assert details["test_good"] == 2 and details["train_holdout"] == 0 and details["holdout"] is None
     assert metrics["num_images"] == 4 and metrics["num_anomalous"] == 2  # each good test image unchanged and once anomalous
@@ -437,24 +438,45 @@ def test_eval_pseudo_anomalies_needs_unseen_good_images(dataset, checkpoint, tmp
     assert "no good test images" in capsys.readouterr().err
 
 
-def test_train_holdout_records_the_held_back_files_and_eval_uses_them(dataset, tmp_path, capsys):
+def _counting_fit(monkeypatch) -> list[int]:
+    """Wrap engine.fit so a test sees how many images each training run got."""
+    import msflow_fast.engine as engine
+
+    seen: list[int] = []
+    fit = engine.fit
+
+    def counting(model, train_set, *args, **kwargs):
+        seen.append(len(train_set))
+        return fit(model, train_set, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", counting)
+    return seen
+
+
+def test_train_holdout_records_the_held_back_files_and_eval_uses_them(dataset, tmp_path, capsys, monkeypatch):
+    import os
+
     from msflow_fast.engine.data import list_images
 
+    seen = _counting_fit(monkeypatch)
     run = tmp_path / "run"
     train = ["train", "--model", "fastflow", "--data", str(dataset), "--category", "syn", "--out", str(run), "--epochs", "1",
              "--batch-size", "4", "--no-progress", "--input-size", str(SIZE), "--backbone", "resnet18", "--no-pretrained",
              "--flow-steps", "1", "--no-eval"]
     assert cli.main(train + ["--holdout", "0.25"]) == 0
     assert "holding back 2 of 8 training images" in capsys.readouterr().out
+    assert seen == [6]
     record = json.loads((run / "holdout.json").read_text())
     expected = holdout_split(list_images(dataset / "syn" / "train" / "good"), 0.25)[1]
-    assert record["fraction"] == 0.25 and record["kept"] == 6 and record["files"] == [str(p) for p in expected]
+    # names relative to train/good: a differently spelled --data matches them
+    assert record["fraction"] == 0.25 and record["kept"] == 6 and record["files"] == [p.name for p in expected]
     # eval reads the record: the held-back files are in, known unseen (no warning), without --holdout
     base = ["eval", "--data", str(dataset), "--category", "syn", "--checkpoint", str(run / "last.pt"), "--no-progress", "--pseudo-anomalies"]
     assert cli.main(base) == 0
     metrics = json.loads((run / "pseudo_eval" / "metrics.json").read_text())
     details = metrics["pseudo_anomalies"]
-    assert details["train_holdout"] == 2 and details["holdout"]["recorded"] is True and details["holdout"]["files"] == record["files"]
+    assert details["train_holdout"] == 2 and details["holdout"]["recorded"] is True
+    assert details["holdout"]["files"] == [str(p) for p in expected]
     assert metrics["num_images"] == 8 and not any("held-back" in w for w in metrics["warnings"])
     capsys.readouterr()
     assert cli.main(base + ["--holdout", "0.5", "--out", str(tmp_path / "ev")]) == 2
@@ -463,7 +485,138 @@ def test_train_holdout_records_the_held_back_files_and_eval_uses_them(dataset, t
     assert cli.main(train[:-1] + ["--epochs", "2", "--resume", "--holdout", "0.5"]) == 2
     assert "differs from the 0.25 of the run being resumed" in capsys.readouterr().err
     assert cli.main(train[:10] + ["2"] + train[11:] + ["--resume"]) == 0
+    assert seen == [6, 6]  # the resumed run trained on the kept images only
     assert json.loads((run / "holdout.json").read_text()) == record
+    # --data spelled relative to another working directory: the same files are held back (resume and eval)
+    monkeypatch.chdir(dataset.parent)
+    relative = os.path.relpath(dataset, dataset.parent)
+    respelled = [relative if a == str(dataset) else a for a in train]
+    assert cli.main(respelled[:10] + ["3"] + respelled[11:] + ["--resume"]) == 0
+    assert seen == [6, 6, 6] and json.loads((run / "holdout.json").read_text()) == record
+    rel_eval = [relative if a == str(dataset) else a for a in base]
+    assert cli.main(rel_eval + ["--out", str(tmp_path / "ev_rel")]) == 0
+    assert json.loads((tmp_path / "ev_rel" / "metrics.json").read_text())["pseudo_anomalies"]["train_holdout"] == 2
+    # resuming from another folder: the record next to the checkpoint is used, and copied to --out
+    other = tmp_path / "other"
+    moved = [str(other) if a == str(run) else a for a in train]
+    assert cli.main(moved[:10] + ["4"] + moved[11:] + ["--checkpoint", str(run / "last.pt")]) == 0
+    assert seen[-1] == 6 and json.loads((other / "holdout.json").read_text()) == record
     # a new run without --holdout over it removes the stale record
     assert cli.main(train + ["--overwrite"]) == 0
+    assert seen[-1] == 8 and not (run / "holdout.json").exists()
+    # --out holding another run's record: resuming a run without one into it is refused
+    capsys.readouterr()
+    assert cli.main(moved[:10] + ["2"] + moved[11:] + ["--checkpoint", str(run / "last.pt")]) == 2
+    assert "records a different holdout than the run being resumed" in capsys.readouterr().err
+    assert json.loads((other / "holdout.json").read_text()) == record
+
+
+def test_resuming_without_a_record_refuses_holdout(dataset, checkpoint, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoint / "last.pt", run / "last.pt")  # a run trained without --holdout
+    rc = cli.main(["train", "--model", "fastflow", "--data", str(dataset), "--category", "syn", "--out", str(run), "--epochs", "2",
+                   "--no-progress", "--no-eval", "--resume", "--holdout", "0.25"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "trained on every train/good image; --holdout applies to a new run" in err and "resume without --holdout" in err
     assert not (run / "holdout.json").exists()
+
+
+def _holdout_args(tmp_path, **kwargs):
+    import argparse
+
+    return argparse.Namespace(**{"holdout": None, "checkpoint": None, **kwargs})
+
+
+def _fake_train_set(folder, count=8):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(samples=[(folder / f"{i:03d}.png", None, 0, "good") for i in range(count)])
+
+
+def test_resume_checks_the_recorded_files_against_train_good(tmp_path):
+    from msflow_fast.cli.pseudo import apply_train_holdout
+    from msflow_fast.engine.pseudo_eval import write_holdout
+
+    good = tmp_path / "data" / "train" / "good"
+    run = tmp_path / "run"
+    run.mkdir()
+    write_holdout(run, 0.25, [good / "001.png", good / "005.png"], 6)
+    train_set = _fake_train_set(good)
+    apply_train_holdout(_holdout_args(tmp_path), train_set, run, resuming=True)
+    assert [s[0].name for s in train_set.samples] == ["000.png", "002.png", "003.png", "004.png", "006.png", "007.png"]
+    # a recorded file that train/good lacks (another dataset or category, or removed)
+    write_holdout(run, 0.25, [good / "001.png", good / "missing.png"], 6)
+    with pytest.raises(ValueError, match=r"1 of the 2 held-back images listed in .*holdout.json are not in .*missing.png"):
+        apply_train_holdout(_holdout_args(tmp_path), _fake_train_set(good), run, resuming=True)
+    # images added since: the kept count differs from the record's
+    write_holdout(run, 0.25, [good / "001.png", good / "005.png"], 6)
+    with pytest.raises(ValueError, match="holds 7 training images besides the held-back ones, but the run being resumed trained on 6"):
+        apply_train_holdout(_holdout_args(tmp_path), _fake_train_set(good, 9), run, resuming=True)
+    # --checkpoint in another folder: its record is read; --out holding a different one is refused
+    other = tmp_path / "other"
+    other.mkdir()
+    write_holdout(other, 0.5, [good / f"00{i}.png" for i in range(4)], 4)
+    args = _holdout_args(tmp_path, checkpoint=str(run / "last.pt"))
+    with pytest.raises(ValueError, match="records a different holdout than the run being resumed"):
+        apply_train_holdout(args, _fake_train_set(good), other, resuming=True)
+    fresh = tmp_path / "fresh"
+    apply_train_holdout(args, train_set := _fake_train_set(good), fresh, resuming=True)
+    assert len(train_set.samples) == 6 and json.loads((fresh / "holdout.json").read_text())["files"] == ["001.png", "005.png"]
+
+
+def test_only_rank_0_writes_or_deletes_the_record(tmp_path, monkeypatch):
+    from msflow_fast.cli import pseudo
+
+    good = tmp_path / "train" / "good"
+    run = tmp_path / "run"
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert pseudo._is_rank0() is False
+    train_set = _fake_train_set(good)
+    pseudo.apply_train_holdout(_holdout_args(tmp_path, holdout=0.25), train_set, run, resuming=False)
+    assert len(train_set.samples) == 6 and not (run / "holdout.json").exists()  # rank 1 trains on the kept ones, writes nothing
+    run.mkdir()
+    (run / "holdout.json").write_text("{}")
+    pseudo.apply_train_holdout(_holdout_args(tmp_path), _fake_train_set(good), run, resuming=False)
+    assert (run / "holdout.json").exists()  # rank 1 leaves the stale record to rank 0
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    assert pseudo._is_rank0() is True
+    pseudo.apply_train_holdout(_holdout_args(tmp_path), _fake_train_set(good), run, resuming=False)
+    assert not (run / "holdout.json").exists()
+    pseudo.apply_train_holdout(_holdout_args(tmp_path), _fake_train_set(good), run, resuming=False)  # nothing to delete: fine
+
+
+@pytest.mark.parametrize(("record", "field"), [
+    ({"fraction": 0.25, "kept": 6, "files": "001.png"}, "files"),
+    ({"fraction": 0.25, "kept": 6, "files": [1, 2]}, "files"),
+    ({"fraction": 0.25, "kept": 6}, "files"),
+    ({"fraction": True, "kept": 6, "files": ["001.png"]}, "fraction"),
+    ({"fraction": 1.5, "kept": 6, "files": ["001.png"]}, "fraction"),
+    ({"fraction": "0.25", "kept": 6, "files": ["001.png"]}, "fraction"),
+    ({"fraction": 0.25, "kept": True, "files": ["001.png"]}, "kept"),
+])
+def test_a_corrupt_record_names_the_file_and_field(tmp_path, record, field):
+    from msflow_fast.engine.pseudo_eval import read_holdout
+
+    (tmp_path / "holdout.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=rf"holdout.json: field '{field}' must be .*remove it"):
+        read_holdout(tmp_path)
+    (tmp_path / "holdout.json").write_text('{"fraction": NaN, "kept": 6, "files": ["a.png"]}')
+    with pytest.raises(ValueError, match="field 'fraction'"):
+        read_holdout(tmp_path)
+    (tmp_path / "holdout.json").write_text("[1")
+    with pytest.raises(ValueError, match="holdout.json is not a holdout record"):
+        read_holdout(tmp_path)
+
+
+def test_a_first_version_record_with_paths_reads_as_names(tmp_path):
+    from msflow_fast.engine.pseudo_eval import read_holdout
+
+    record = {"fraction": 0.25, "seed": 0, "kept": 6, "files": ["/data/syn/train/good/001.png", "data/syn/train/good/005.png"]}
+    (tmp_path / "holdout.json").write_text(json.dumps(record))
+    assert read_holdout(tmp_path)["files"] == ["001.png", "005.png"]

@@ -100,33 +100,100 @@ def add_train_holdout_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
-def apply_train_holdout(args: argparse.Namespace, train_set: Any, out: Path, *, resuming: bool) -> None:
-    """``train --holdout``: drop the held-back files from ``train_set`` and record them in
-    ``out/holdout.json``. A resumed run keeps the recorded selection; a new run without
-    ``--holdout`` removes a stale record."""
+def _is_rank0() -> bool:
+    """Whether this process writes the run folder's files: no process group, or its rank 0 (under
+    ``torchrun`` every rank runs ``train``; only rank 0 writes or deletes ``holdout.json``)."""
     import torch
 
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
+def _resumed_folder(args: argparse.Namespace, out: Path) -> Path:
+    """The folder of the run being resumed: ``--checkpoint``'s (a ``last.pt`` or its folder), else ``--out``."""
+    checkpoint = getattr(args, "checkpoint", None)
+    if not checkpoint:
+        return out
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
+def _same_record(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (abs(a["fraction"] - b["fraction"]) <= 1e-12 and a["kept"] == b["kept"] and sorted(a["files"]) == sorted(b["files"]))
+
+
+def apply_train_holdout(args: argparse.Namespace, train_set: Any, out: Path, *, resuming: bool) -> None:
+    """``train --holdout``: drop the held-back files from ``train_set`` and record them in
+    ``out/holdout.json`` (names relative to ``train/good``). A resumed run keeps the selection
+    recorded next to the checkpoint it resumes (copied to ``out`` when that is another folder) and
+    checks it against ``train_set``; a new run without ``--holdout`` removes a stale record. Only
+    rank 0 writes or deletes the record.
+
+    Raises:
+        ValueError: ``--holdout`` on a resumed run that held nothing back or with another fraction;
+            recorded files not in ``train/good`` or a changed number of images; ``out`` holding a
+            different record than the resumed run's; a corrupt record.
+    """
     from msflow_fast.engine.pseudo_eval import HOLDOUT_FILE, holdout_split, read_holdout, write_holdout
 
-    recorded = read_holdout(out) if resuming else None
-    if recorded is not None:
-        if args.holdout is not None and abs(args.holdout - recorded["fraction"]) > 1e-12:
-            raise ValueError(f"--holdout {args.holdout:g} differs from the {recorded['fraction']:g} of the run being resumed "
-                             f"({recorded['path']}); resume with --holdout {recorded['fraction']:g} or without --holdout")
-        held = {Path(p) for p in recorded["files"]}
-    elif args.holdout is not None:
-        held = set(holdout_split([s[0] for s in train_set.samples], args.holdout)[1])
-    else:
-        if not resuming and (out / HOLDOUT_FILE).exists():
-            (out / HOLDOUT_FILE).unlink()  # the record of the earlier run this one overwrites
+    target = out / HOLDOUT_FILE
+    if not resuming:
+        if args.holdout is None:
+            if _is_rank0():
+                target.unlink(missing_ok=True)  # the record of the earlier run this one overwrites
+            return
+        held_paths = holdout_split([s[0] for s in train_set.samples], args.holdout)[1]
+        held_names = {p.name for p in held_paths}
+        train_set.samples = [s for s in train_set.samples if Path(s[0]).name not in held_names]
+        if _is_rank0():
+            out.mkdir(parents=True, exist_ok=True)
+            write_holdout(out, args.holdout, held_paths, len(train_set.samples))
+            print(f"holding back {len(held_paths)} of {len(held_paths) + len(train_set.samples)} training images (listed in {target})")
         return
-    kept = [s for s in train_set.samples if Path(s[0]) not in held]
+
+    source = _resumed_folder(args, out)
+    recorded = read_holdout(source)
+    elsewhere = source.resolve() != out.resolve()
+    if elsewhere:
+        existing = read_holdout(out)
+        if existing is not None and not _same_record(existing, recorded):
+            what = "records no holdout" if recorded is None else f"records its own ({recorded['path']})"
+            raise ValueError(
+                f"{target} records a different holdout than the run being resumed ({source}, which {what}); "
+                f"choose another --out or remove {target}"
+            )
+    if recorded is None:
+        if args.holdout is not None:
+            raise ValueError(
+                f"the run being resumed ({source}) trained on every train/good image; --holdout applies to a new run: "
+                "resume without --holdout, or start a new run (another --out, or --overwrite)"
+            )
+        return
+    if args.holdout is not None and abs(args.holdout - recorded["fraction"]) > 1e-12:
+        raise ValueError(f"--holdout {args.holdout:g} differs from the {recorded['fraction']:g} of the run being resumed "
+                         f"({recorded['path']}); resume with --holdout {recorded['fraction']:g} or without --holdout")
+    held = set(recorded["files"])
+    names = {Path(s[0]).name for s in train_set.samples}
+    folder = Path(train_set.samples[0][0]).parent if train_set.samples else "train/good"
+    missing = sorted(held - names)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(held)} held-back images listed in {recorded['path']} are not in {folder} "
+            f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): the run was trained on another dataset or "
+            "category (check --data and --category), or they were removed (restore them)"
+        )
+    kept = [s for s in train_set.samples if Path(s[0]).name not in held]
+    if len(kept) != recorded["kept"]:
+        raise ValueError(
+            f"{folder} holds {len(kept)} training images besides the held-back ones, but the run being resumed trained on "
+            f"{recorded['kept']} ({recorded['path']}): images were added or removed since; restore the folder, or start a "
+            "new run (another --out, or --overwrite)"
+        )
     train_set.samples = kept
-    rank0 = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-    if recorded is None and rank0:
+    if elsewhere and _is_rank0() and not target.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_holdout(out, args.holdout, sorted(held, key=lambda p: p.name), len(kept))
-        print(f"holding back {len(held)} of {len(held) + len(kept)} training images (listed in {out / HOLDOUT_FILE})")
+        write_holdout(out, recorded["fraction"], sorted(held), len(kept))
 
 
 # ---------------------------------------------------------------------------------------------- eval --pseudo-anomalies
@@ -154,10 +221,10 @@ def run_pseudo_eval(args: argparse.Namespace, model: Any, state: dict, device: A
     from msflow_fast.engine.pseudo_eval import evaluate_pseudo_anomalies, pseudo_eval_images
     from msflow_fast.engine.run_folder import RunLock
 
-    out = Path(args.out) if args.out else Path(state["path"]).parent / "pseudo_eval"
     from msflow_fast.engine.pseudo_eval import read_holdout
 
-    recorded = read_holdout(Path(state["path"]).parent)
+    out = Path(args.out) if args.out else Path(state["path"]).parent / "pseudo_eval"
+    recorded = read_holdout(Path(state["path"]).parent)  # the record next to the checkpoint
     files, source = pseudo_eval_images(args.data, args.category, layout=args.layout, holdout=args.holdout, recorded=recorded)
     config = PseudoAnomalyConfig(category=args.category or Path(args.data).name, rotation="none")
     with RunLock(out, "pseudo-anomaly evaluation"):

@@ -5,9 +5,9 @@ Which good images (they must be unseen by the model):
 - ``test/good`` (``test/ok`` in the BTAD layout; MVTec LOCO AD's ``test/good``) of the category: ``msflow-fast train`` trains on
   ``train/good`` only, so these are never seen. Defect folders under ``test/`` are ignored.
 - the ``train/good`` files that ``msflow-fast train --holdout FRACTION`` held back: it trains on
-  ``holdout_split(files, FRACTION)[0]`` and lists the held-back files in :data:`HOLDOUT_FILE` next
-  to the checkpoint (:func:`write_holdout`); ``eval --pseudo-anomalies`` reads that record
-  (:func:`read_holdout`) and adds them, known unseen.
+  ``holdout_split(files, FRACTION)[0]`` and lists the held-back files (their names in ``train/good``)
+  in :data:`HOLDOUT_FILE` next to the checkpoint (:func:`write_holdout`); ``eval --pseudo-anomalies``
+  reads that record (:func:`read_holdout`) and adds them, known unseen.
 - with ``holdout=FRACTION`` and no record, a fixed selection of the ``train/good`` files
   (:func:`holdout_split`: the files sorted by name, a permutation of ``torch.Generator`` seeded
   with :data:`HOLDOUT_SEED`, its first ``round(FRACTION * n)``): the selection ``train --holdout``
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,29 +76,49 @@ def holdout_split(files: Sequence[str | os.PathLike], fraction: float, seed: int
 
 
 def write_holdout(folder: str | os.PathLike, fraction: float, held: Sequence[str | os.PathLike], kept: int) -> Path:
-    """Write :data:`HOLDOUT_FILE` in ``folder``: ``{"fraction", "seed", "kept", "files"}`` (the
-    held-back files, as given); atomic. Returns its path."""
-    record = {"fraction": float(fraction), "seed": HOLDOUT_SEED, "kept": int(kept), "files": [str(p) for p in held]}
+    """Write :data:`HOLDOUT_FILE` in ``folder``: ``{"fraction", "seed", "kept", "files"}``, ``"files"``
+    the held-back files' names relative to the ``train/good`` folder (so a differently spelled
+    ``--data`` still matches them); atomic. Returns its path."""
+    record = {"fraction": float(fraction), "seed": HOLDOUT_SEED, "kept": int(kept), "files": [Path(p).name for p in held]}
     return atomic_write_json(Path(folder) / HOLDOUT_FILE, record)
 
 
 def read_holdout(folder: str | os.PathLike) -> dict[str, Any] | None:
-    """The :data:`HOLDOUT_FILE` record in ``folder`` (``"files"`` as paths), or ``None`` without one.
+    """The :data:`HOLDOUT_FILE` record in ``folder``, or ``None`` without one. ``"files"``: the
+    held-back files' names in ``train/good`` (a record that lists paths, as the first version of
+    ``train --holdout`` wrote, gives their names).
 
     Raises:
-        ValueError: a record that is not one (names the file).
+        ValueError: a record that is not one; the message names the file and the field.
     """
     path = Path(folder) / HOLDOUT_FILE
     if not path.is_file():
         return None
+    fix = "remove it (a resumed run or eval then treats the run as trained on every train/good image) or train again with --holdout"
     try:
         record = json.loads(path.read_text())
-        files = [Path(f) for f in record["files"]]
-        fraction = float(record["fraction"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a holdout record written by msflow-fast train --holdout ({type(exc).__name__}: {exc}); "
-                         "remove it or train again") from None
-    return {**record, "fraction": fraction, "files": files, "path": str(path)}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a holdout record written by msflow-fast train --holdout (not JSON: {exc}); {fix}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is not a holdout record: expected a JSON object, got {type(record).__name__}; {fix}")
+
+    def bad(field: str, expected: str) -> ValueError:
+        shown = repr(record[field]) if field in record else "missing"
+        return ValueError(f"{path}: field {field!r} must be {expected}, got {shown[:80]}; {fix}")
+
+    fraction = record.get("fraction")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) or not 0.0 < fraction < 1.0:
+        raise bad("fraction", "a number between 0 and 1 (exclusive)")
+    files = record.get("files")
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+        raise bad("files", "a non-empty list of file names (strings)")
+    names = [Path(f).name for f in files]  # a path (first-version record) gives its name
+    if any(n in ("", ".", "..") for n in names) or len(set(names)) != len(names):
+        raise bad("files", "a list of distinct file names in train/good")
+    kept = record.get("kept")
+    if isinstance(kept, bool) or not isinstance(kept, int) or kept < 1:
+        raise bad("kept", "a positive integer (the number of training images kept)")
+    return {**record, "fraction": float(fraction), "files": names, "path": str(path)}
 
 
 def good_folders(root: str | os.PathLike, category: str | None = None, *, layout: str = "auto") -> tuple[Path, Path]:
@@ -143,15 +164,14 @@ def pseudo_eval_images(
                 f"--holdout {holdout:g} differs from the {recorded['fraction']:g} the model was trained with "
                 f"({recorded.get('path', HOLDOUT_FILE)}); omit --holdout to use the recorded files"
             )
-        held = [Path(p) for p in recorded["files"]]
-        elsewhere = [str(p) for p in held if p.parent.resolve() != train_dir.resolve()]
-        if elsewhere:
-            raise ValueError(f"{recorded.get('path', HOLDOUT_FILE)} lists training images outside {train_dir} (e.g. {elsewhere[0]}): "
-                             "the model was trained on another dataset or category; check --data and --category")
-        missing = [str(p) for p in held if not p.is_file()]
+        held = [train_dir / name for name in recorded["files"]]
+        missing = [p.name for p in held if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"held-back training images listed in {recorded.get('path', HOLDOUT_FILE)} are gone: "
-                                    f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(held)} held-back training images listed in {recorded.get('path', HOLDOUT_FILE)} are not in "
+                f"{train_dir} ({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}): the model was trained on another "
+                "dataset or category (check --data and --category), or they were removed since (restore them)"
+            )
         holdout = recorded["fraction"]
     elif holdout is not None:
         held = holdout_split(list_images(train_dir), holdout)[1]
@@ -188,6 +208,14 @@ def _branch_results(scores_csv: Path) -> tuple[dict[str, int], dict[str, float |
     return counts, aurocs
 
 
+def _stages_with_pseudo_anomalies(model: Any) -> list[str]:
+    """The names of the recipe stages for which ``model.pseudo_anomalies(stage)`` declares pseudo anomalies."""
+    declares, recipe = getattr(model, "pseudo_anomalies", None), getattr(model, "recipe", None)
+    if not callable(declares) or not callable(recipe):
+        return []
+    return [stage.name for stage in recipe().stages if declares(stage.name) is not None]
+
+
 def evaluate_pseudo_anomalies(
     model: Any, files: Sequence[str | os.PathLike], *, config: PseudoAnomalyConfig | None = None, seed: int = 0,
     source: dict[str, Any] | None = None, out_dir: str | os.PathLike | None = None, **evaluate_options: Any,
@@ -214,6 +242,12 @@ def evaluate_pseudo_anomalies(
             f"{source['train_holdout']} held-back training images are in the estimate: they are unseen only if the model "
             "was trained without them; no holdout record (holdout.json, written by msflow-fast train --holdout) is next "
             "to the checkpoint, so this cannot be checked: a model trained on them gives an optimistic estimate"
+        )
+    trained_on = _stages_with_pseudo_anomalies(model)
+    if trained_on:
+        warnings.append(
+            f"{type(model).__name__} trained on pseudo anomalies from this generator (stages {', '.join(trained_on)}): the "
+            "estimate measures anomalies like its training ones, not unseen defects, and is optimistic"
         )
     details = {
         "seed": seed, "config": config.to_dict(), "texture_entries": list(data.generator.sources),
