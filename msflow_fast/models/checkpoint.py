@@ -175,6 +175,22 @@ def load_file(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     return _torch_load(os.fspath(path), map_location)
 
 
+def read_source(source: str | os.PathLike | Mapping, map_location: Any = "cpu", given: str = "the checkpoint") -> tuple[Any, str]:
+    """``(contents, where)`` of a weights source: a file (:func:`load_file`; ``where`` is its quoted
+    path) or an already loaded mapping (returned as it is; ``where`` is ``given``). ``where`` names
+    the source in error messages.
+
+    Raises:
+        TypeError: neither a path nor a mapping.
+        FileNotFoundError, ValueError: as :func:`load_file`.
+    """
+    if isinstance(source, Mapping):
+        return source, given
+    if isinstance(source, (str, os.PathLike)):
+        return load_file(source, map_location), repr(os.fspath(source))
+    raise TypeError(f"checkpoint must be a path or a dict, got {type(source).__name__}")
+
+
 def _upgrade_v2(state: Mapping[str, Any], source: str) -> dict[str, Any]:
     """A format 2 checkpoint (``kind="msflow"``: ``flows`` + optional ``backbone``) in the format 3 layout."""
     if state.get("kind") != "msflow":
@@ -385,6 +401,7 @@ __all__ = [
     "load_model",
     "load_weights",
     "read",
+    "read_source",
     "save",
     "validate",
     "versions",

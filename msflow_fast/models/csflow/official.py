@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_file
+from ..checkpoint import read_source
 from .model import CSFlow
 
 _ANOMALIB = re.compile(r"^(?:model\.)?(?:graph\.)?graph\.module_list\.(\d+)\.cross_convolution([12])\.(.+)$")
@@ -30,19 +30,13 @@ _OFFICIAL = re.compile(r"^(?:nf\.)?module_list\.(\d+)\.s([12])\.(.+)$")
 
 
 def _read(checkpoint: str | os.PathLike | Mapping, map_location: Any) -> tuple[Mapping, str]:
-    if isinstance(checkpoint, Mapping):
-        data, where = checkpoint, "the checkpoint"
-    elif isinstance(checkpoint, (str, os.PathLike)):
-        try:
-            data = load_file(checkpoint, map_location)
-        except ValueError as exc:
-            raise ValueError(
-                f"{exc}. The official CS-Flow code saves whole pickled models (torch.save(model)), which are not "
-                "read here because unpickling can run code: load it in the official code and save model.state_dict()"
-            ) from None
-        where = repr(os.fspath(checkpoint))
-    else:
-        raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
+    try:
+        data, where = read_source(checkpoint, map_location)
+    except ValueError as exc:  # a file that load_file refuses
+        raise ValueError(
+            f"{exc}. The official CS-Flow code saves whole pickled models (torch.save(model)), which are not "
+            "read here because unpickling can run code: load it in the official code and save model.state_dict()"
+        ) from None
     if not isinstance(data, Mapping):
         raise ValueError(f"{where} is not a state dict (got {type(data).__name__})")
     return data.get("state_dict", data), where

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_file
+from ..checkpoint import read_source
 from .model import DADF
 
 _VIT_RULES = (
@@ -33,14 +33,6 @@ _VIT_RULES = (
     (re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj)\.(weight|bias)$"), lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}"),
     (re.compile(r"^norm\.(weight|bias)$"), lambda m: f"norm.{m[1]}"),
 )
-
-
-def _read(source: str | os.PathLike | Mapping, map_location: Any) -> tuple[Mapping, str]:
-    if isinstance(source, Mapping):
-        return source, "the given state dict"
-    if isinstance(source, (str, os.PathLike)):
-        return load_file(source, map_location), repr(os.fspath(source))
-    raise TypeError(f"expected a path or a state dict, got {type(source).__name__}")
 
 
 def _tensor_dict(state: Any, where: str, what: str) -> dict[str, torch.Tensor]:
@@ -95,7 +87,7 @@ def load_official(model: DADF, transformer: str | os.PathLike | Mapping | None =
     # Every file is read and checked against the model before anything is loaded: a bad file leaves the model as it was.
     loads: list[tuple[torch.nn.Module, dict[str, torch.Tensor], str]] = []
     if transformer is not None:
-        raw, where = _read(transformer, map_location)
+        raw, where = read_source(transformer, map_location, "the given state dict")
         state = _tensor_dict(raw, where, "the stage-1 file")
         converted = convert_vit_state(state, where)
         positions = state.get("pos_embed")
@@ -108,7 +100,7 @@ def load_official(model: DADF, transformer: str | os.PathLike | Mapping | None =
                                  f"(1, {ours.shape[1] + 1}, {ours.shape[2]}); build the model for the file's input size and widths")
         loads.append((model.transformer, converted, where))
     if flows is not None:
-        data, where = _read(flows, map_location)
+        data, where = read_source(flows, map_location, "the given state dict")
         if not isinstance(data, Mapping) or "model_nf_flows" not in data or "model_norms_state_dict" not in data:
             raise ValueError(f"{where} is not a DADF flow file (no 'model_nf_flows' and 'model_norms_state_dict' entries)")
         loads.append((model.flows, _tensor_dict(data["model_nf_flows"], where, "'model_nf_flows'"), where))

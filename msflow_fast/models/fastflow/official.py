@@ -21,20 +21,12 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_file
+from ..checkpoint import read_source
 from .config import FastFlowConfig
 from .model import FastFlow
 
 _SUBNET = re.compile(r"\.subnet\.(\d+)\.")
 _ZERO_PAD_INDICES = {"1": "0", "4": "2"}
-
-
-def _read(checkpoint: str | os.PathLike | Mapping, map_location: Any) -> tuple[Mapping, str]:
-    if isinstance(checkpoint, Mapping):
-        return checkpoint, "the checkpoint"
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return load_file(checkpoint, map_location), repr(os.fspath(checkpoint))
-    raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
 
 
 def _subnet_keys(key: str, zero_pad: bool) -> str:
@@ -80,7 +72,7 @@ def _load(model: FastFlow, converted: dict[str, torch.Tensor], where: str, stric
 
 def load_anomalib(model: FastFlow, checkpoint: str | os.PathLike | Mapping, *, map_location: Any = "cpu", strict: bool = True) -> FastFlow:
     """Load anomalib FastFlow weights (a Lightning checkpoint or a ``FastflowModel`` state dict) into ``model``, in place."""
-    data, where = _read(checkpoint, map_location)
+    data, where = read_source(checkpoint, map_location)
     state = data.get("state_dict", data) if isinstance(data, Mapping) else data
     prefix = "model." if any(str(k).startswith("model.fast_flow_blocks.") for k in state) else ""
     converted = convert_state(
@@ -91,7 +83,7 @@ def load_anomalib(model: FastFlow, checkpoint: str | os.PathLike | Mapping, *, m
 
 def load_gathierry(model: FastFlow, checkpoint: str | os.PathLike | Mapping, *, map_location: Any = "cpu", strict: bool = True) -> FastFlow:
     """Load gathierry/FastFlow weights (``{"model_state_dict": ...}`` or the state dict) into ``model``, in place."""
-    data, where = _read(checkpoint, map_location)
+    data, where = read_source(checkpoint, map_location)
     state = data.get("model_state_dict", data) if isinstance(data, Mapping) else data
     converted = convert_state(state, model, flows="nf_flows", norms="norms", extractor="feature_extractor")
     return _load(model, converted, where, strict)
@@ -100,7 +92,7 @@ def load_gathierry(model: FastFlow, checkpoint: str | os.PathLike | Mapping, *, 
 def anomalib_config(checkpoint: str | os.PathLike | Mapping, *, map_location: Any = "cpu", **changes: Any) -> FastFlowConfig:
     """The :class:`FastFlowConfig` of an anomalib Lightning checkpoint: its ``hyper_parameters``
     (backbone, steps, kernels, hidden ratio) and the input size its norms were built for."""
-    data, where = _read(checkpoint, map_location)
+    data, where = read_source(checkpoint, map_location)
     hyper = data.get("hyper_parameters") if isinstance(data, Mapping) else None
     if not isinstance(hyper, Mapping) or "backbone" not in hyper:
         raise ValueError(f"{where} has no anomalib hyper_parameters (backbone, flow_steps, ...); build the model yourself and use load_anomalib")

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_file, write_torch
+from ..checkpoint import read_source, write_torch
 from .model import MSFlow
 
 _MODULE_KEY = re.compile(r"^module_list\.(\d+)\.(.+)$")
@@ -97,12 +97,8 @@ def load_official(
     """
     if not isinstance(model, MSFlow):
         raise TypeError(f"model must be an MSFlow, got {type(model).__name__}")
-    if isinstance(checkpoint, Mapping):
-        data, where = checkpoint, ""
-    elif isinstance(checkpoint, (str, os.PathLike)):
-        data, where = load_file(checkpoint, map_location), f"{os.fspath(checkpoint)!r} is "
-    else:
-        raise TypeError(f"checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
+    data, where = read_source(checkpoint, map_location, given="")
+    where = f"{where} is " if where else ""
     if not isinstance(data, Mapping) or "parallel_flows" not in data or "fusion_flow" not in data:
         keys = sorted(map(str, data))[:8] if isinstance(data, Mapping) else type(data).__name__
         raise ValueError(
