@@ -307,6 +307,8 @@ def test_registry_recipe_presets_and_bad_configs():
     assert (c.backbone, c.weights_tag, c.token_dim, c.depth, c.num_heads, c.flow_steps, c.clamp_alpha, c.conv3x3_only) == (
         "wide_resnet50_2", "tv_in1k", 1440, 8, 8, 8, 2.0, False)
     assert set(DADF.presets) == {"wide_resnet50_2", "resnet18", "resnet34"}
+    with pytest.raises(ValueError, match="unknown DADF preset 'r50'; presets: wide_resnet50_2, resnet18, resnet34"):
+        DADF.from_preset("r50")
     for field, value, match in [
         ("embed_dim", 15, "multiple of 4"),
         ("num_heads", 7, "num_heads=7 must divide"),

@@ -325,6 +325,14 @@ class AnomalyModel(nn.Module):
         self.check_finite: bool | None = None
 
     @classmethod
+    def from_preset(cls, name: str, backbone: nn.Module | None = None, **overrides: Any) -> "AnomalyModel":
+        """A model of preset ``name`` (one of :attr:`presets`) with ``overrides``; ``backbone``: as the
+        model's constructor takes it."""
+        if name not in cls.presets:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; presets: {', '.join(cls.presets) or 'none'}")
+        return cls(cls.config_class(**{**cls.presets[name], **overrides}), backbone=backbone)
+
+    @classmethod
     def make_config(cls, config: Any = None, **overrides: Any) -> Any:
         """The config of ``cls(config, **overrides)``: the default config, or ``config``, with ``overrides``."""
         if config is None:

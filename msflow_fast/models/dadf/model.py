@@ -121,13 +121,6 @@ class DADF(AnomalyModel):
         self.stage = STAGES[0]
         self.set_stage(STAGES[0])
 
-    @classmethod
-    def from_preset(cls, name: str, backbone: nn.Module | None = None, **overrides: Any) -> "DADF":
-        """A model of preset ``name`` (``wide_resnet50_2``, ``resnet18``, ``resnet34``) with ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown DADF preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(DADFConfig(**{**PRESETS[name], **overrides}), backbone=backbone)
-
     def check_image_size(self, height: int, width: int) -> None:
         if (height, width) != tuple(self.config.input_size):
             raise ValueError(

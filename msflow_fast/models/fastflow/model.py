@@ -99,13 +99,6 @@ class FastFlow(AnomalyModel):
         except ValueError as exc:
             raise ValueError(f"input_size {config.input_size} does not suit this backbone: {exc}") from None
 
-    @classmethod
-    def from_preset(cls, name: str, backbone: nn.Module | None = None, **overrides: Any) -> "FastFlow":
-        """A model of preset ``name`` (``resnet18``, ``wide_resnet50_2``, ``deit``, ``cait``) with ``overrides``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown FastFlow preset {name!r}; presets: {', '.join(PRESETS)}")
-        return cls(FastFlowConfig(**{**PRESETS[name], **overrides}), backbone=backbone)
-
     def check_image_size(self, height: int, width: int) -> None:
         stride = self.extractor.max_stride
         if height % stride or width % stride:
