@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .harness import Job, Result
+from .harness import Job, Result, throughput_row
 
 
 class _EagerBlock(nn.Module):
@@ -151,13 +151,9 @@ def _settings(device: torch.device, smoke: bool) -> list[dict]:
 
 
 def _row(mode: str, provider: str, shape: str, device: torch.device, timing, images: int, paired: float | None = None) -> Result:
-    dtype = "bfloat16" if provider.endswith("-bf16") else "float32"
-    median, p20, p80 = timing
-    extra = f"{images / (median * 1e-3):.1f} img/s" + ("" if paired is None else f"; paired {paired:.2f}x")
-    return Result(
-        suite="dadf", op="DADF", provider=provider, mode=mode, shape=shape, dtype=dtype, device=device.type,
-        median_ms=median, p20_ms=p20, p80_ms=p80, extra=extra,
-    )
+    return throughput_row("dadf", "DADF", mode, provider, shape, device, timing, images,
+                          note="" if paired is None else f"; paired {paired:.2f}x",
+                          dtype="bfloat16" if provider.endswith("-bf16") else "float32")
 
 
 def jobs(device: torch.device, *, min_run_time: float = 0.5, smoke: bool = False) -> list[Job]:

@@ -25,7 +25,7 @@ import torch
 from msflow_fast import MSFlow, ops
 from msflow_fast.nn import enable_fast_paths
 
-from .harness import Job, Result, time_ms
+from .harness import Job, Result, throughput_row, time_ms
 
 
 def _settings(device: torch.device, smoke: bool = False) -> dict:
@@ -81,23 +81,9 @@ def _peak_memory_mb(device: torch.device, fn: Callable[[], object]) -> float | N
 
 
 def _row(mode: str, provider: str, shape: str, device: torch.device, timing, images: int, peak: float | None) -> Result:
-    median, p20, p80 = timing
-    extra = f"{images / (median * 1e-3):.1f} img/s"
-    if peak is not None:
-        extra += f", peak {peak:.0f} MiB"
-    return Result(
-        suite="e2e",
-        op="MSFlow",
-        provider=provider,
-        mode=mode,
-        shape=shape,
-        dtype="bfloat16" if provider.endswith("bf16") else "float32",
-        device=device.type,
-        median_ms=median,
-        p20_ms=p20,
-        p80_ms=p80,
-        extra=extra,
-    )
+    return throughput_row("e2e", "MSFlow", mode, provider, shape, device, timing, images,
+                          note="" if peak is None else f", peak {peak:.0f} MiB",
+                          dtype="bfloat16" if provider.endswith("bf16") else "float32")
 
 
 def run(

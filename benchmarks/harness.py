@@ -68,12 +68,13 @@ class Result:
 
 
 def throughput_row(suite: str, op: str, mode: str, provider: str, shape: str, device: torch.device,
-                   timing: tuple[float, float, float], items: int, unit: str = "img/s", note: str = "") -> Result:
-    """A float32 row of a model-level suite from ``timing = (median, p20, p80)`` ms (:func:`time_ms`),
-    with ``items / median`` per second (in ``unit``) and ``note`` in the notes column."""
+                   timing: tuple[float, float, float], items: int, unit: str = "img/s", note: str = "",
+                   dtype: str = "float32") -> Result:
+    """A row of a model-level suite from ``timing = (median, p20, p80)`` ms (:func:`time_ms`), with
+    ``items / median`` per second (in ``unit``) and ``note`` in the notes column."""
     median, p20, p80 = timing
     return Result(
-        suite=suite, op=op, provider=provider, mode=mode, shape=shape, dtype="float32", device=device.type,
+        suite=suite, op=op, provider=provider, mode=mode, shape=shape, dtype=dtype, device=device.type,
         median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{items / (median * 1e-3):.1f} {unit}" + note,
     )
 

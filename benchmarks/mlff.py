@@ -23,7 +23,7 @@ import torch
 from msflow_fast.engine import SyntheticDefects, denormalize, normalize
 from msflow_fast.engine.data.pseudo_anomaly import PseudoAnomalyGenerator
 
-from .harness import Job, Result, time_ms
+from .harness import Job, Result, throughput_row, time_ms
 
 FUSIONS = ("fpn", "concat")
 MODES = ("student step", "segmentation step", "predict")
@@ -86,11 +86,8 @@ def _run(fusion: str, cfg: dict, shape: str, batch: dict, device: torch.device, 
                 loss.backward()
                 optimizer.step()
 
-        median, p20, p80 = time_ms(fn, device, min_run_time=min_run_time)
-        rows.append(Result(
-            suite="mlff", op=f"MLFF ({fusion} fusion), interpretation", provider="msflow_fast", mode=mode, shape=shape, dtype="float32",
-            device=device.type, median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{images / (median * 1e-3):.1f} img/s",
-        ))
+        timing = time_ms(fn, device, min_run_time=min_run_time)
+        rows.append(throughput_row("mlff", f"MLFF ({fusion} fusion), interpretation", mode, "msflow_fast", shape, device, timing, images))
     return rows
 
 

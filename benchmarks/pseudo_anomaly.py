@@ -18,7 +18,7 @@ import torch
 from msflow_fast.engine import SyntheticDefects, denormalize
 from msflow_fast.engine.data.pseudo_anomaly import BRANCHES, PseudoAnomalyConfig, PseudoAnomalyGenerator
 
-from .harness import Job, Result, time_ms
+from .harness import Job, Result, throughput_row, time_ms
 
 MODES = ("mixture",) + BRANCHES
 
@@ -63,13 +63,8 @@ def _run(mode: str, shape: str, images: torch.Tensor, device: torch.device, min_
     def step():
         return generator.batch(images, next(starts), force=force)
 
-    median, p20, p80 = time_ms(step, device, min_run_time=min_run_time)
-    return [
-        Result(
-            suite="pseudo_anomaly", op="PseudoAnomalyGenerator", provider="msflow_fast", mode=mode, shape=shape, dtype="float32",
-            device=device.type, median_ms=median, p20_ms=p20, p80_ms=p80, extra=f"{batch / (median * 1e-3):.1f} img/s",
-        )
-    ]
+    timing = time_ms(step, device, min_run_time=min_run_time)
+    return [throughput_row("pseudo_anomaly", "PseudoAnomalyGenerator", mode, "msflow_fast", shape, device, timing, batch)]
 
 
 __all__ = ["MODES", "jobs"]
