@@ -35,34 +35,30 @@ def _start(out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(WORKER + [str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for_epoch(out: Path, epoch: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until ``out/last.pt`` records ``epoch`` (0-based) as finished."""
+def _wait_until(proc: subprocess.Popen, done, what: str, timeout: float = 60.0) -> None:
+    """Poll ``done()`` (a file it reads may be missing or half-written: retried) until it is true;
+    fails if the worker exits first or ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the worker exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         try:
-            if read(out)["training"]["epoch"] >= epoch:
-                return
-        except (FileNotFoundError, ValueError):
-            pass
-        time.sleep(0.02)
-    raise AssertionError(f"no checkpoint of epoch {epoch + 1} after {timeout} s")
-
-
-def _wait_for_lock(out: Path, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Until ``proc`` holds the run folder's lock (its pid in the lock file)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the worker exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
-        try:
-            if json.loads((out / LOCK_NAME).read_text()).get("pid") == proc.pid:
+            if done():
                 return
         except (FileNotFoundError, ValueError):
             pass
         time.sleep(0.01)
-    raise AssertionError(f"the worker took no lock of {out} in {timeout} s")
+    raise AssertionError(f"{what} after {timeout} s")
+
+
+def _wait_for_epoch(out: Path, epoch: int, proc: subprocess.Popen) -> None:
+    """Until ``out/last.pt`` records ``epoch`` (0-based) as finished."""
+    _wait_until(proc, lambda: read(out)["training"]["epoch"] >= epoch, f"no checkpoint of epoch {epoch + 1}")
+
+
+def _wait_for_lock(out: Path, proc: subprocess.Popen) -> None:
+    """Until ``proc`` holds the run folder's lock (its pid in the lock file)."""
+    _wait_until(proc, lambda: json.loads((out / LOCK_NAME).read_text()).get("pid") == proc.pid, f"the worker took no lock of {out}")
 
 
 def _kill(proc: subprocess.Popen) -> None:
